@@ -1,0 +1,4 @@
+"""Built-in graph passes (installed as ``unsloth_fx.passes``). Importing this
+package registers them."""
+
+from unsloth_fx.passes import chunk_recompute, fuse_optimizer, plan_memory, share_weights  # noqa: F401

@@ -1,0 +1,157 @@
+"""Every private torch API unsloth-fx touches, one function each.
+
+Private APIs move between torch releases; an upgrade should touch this file
+only. Supported: torch 2.11 through 2.14.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Callable, Iterator
+
+import torch
+
+TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def aot_autograd(**kwargs: Any) -> Callable[..., Any]:
+    """AOTAutograd as a Dynamo backend (fw/bw/inference compilers, partition_fn, decompositions)."""
+    from torch._dynamo.backends.common import aot_autograd as _aot
+
+    return _aot(**kwargs)
+
+
+def inductor_decompositions() -> dict[Any, Callable[..., Any]]:
+    """The decomposition table Inductor traces with."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    return select_decomp_table()
+
+
+def inductor_partition(gm: torch.fx.GraphModule, joint_inputs: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """Inductor's partition function: its joint-graph passes, then the min-cut partitioner."""
+    from torch._inductor.compile_fx import partition_fn
+
+    return partition_fn(gm, joint_inputs, **kwargs)
+
+
+def min_cut_partition(gm: torch.fx.GraphModule, joint_inputs: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """torch's min-cut rematerialization partitioner (honours ``meta["recompute"]`` tags)."""
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    return min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+
+
+def inductor_compile(gm: torch.fx.GraphModule, example_inputs: Any, **kwargs: Any) -> Callable[..., Any]:
+    """Lower one forward/backward/inference graph with Inductor (boxed calling convention)."""
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    return compile_fx_inner(gm, example_inputs, **kwargs)
+
+
+def make_boxed(fn: Callable[..., Any]) -> Callable[..., Any]:
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    return make_boxed_func(fn)
+
+
+def in_compiled_autograd() -> bool:
+    """True while compiled autograd is handing its backward graph to the backend."""
+    try:
+        from torch._dynamo import compiled_autograd
+    except ImportError:  # pragma: no cover
+        return False
+    flag = getattr(compiled_autograd, "in_compiled_autograd_region", False)
+    return bool(flag() if callable(flag) else flag)
+
+
+def is_compiled_autograd_graph(gm: torch.fx.GraphModule) -> bool:
+    """Compiled autograd names its graph ``CompiledAutograd...``; its Dynamo
+    re-trace keeps the name in the graph module's class or code."""
+    name = type(gm).__name__ + getattr(gm, "_get_name", lambda: "")()
+    return in_compiled_autograd() or "CompiledAutograd" in name
+
+
+def placeholder_source_name(node: torch.fx.Node) -> str | None:
+    """The Dynamo source of a graph input, e.g. ``L['self']._modules['lm_head']._parameters['weight']``."""
+    arg = node.meta.get("grapharg")
+    src = getattr(arg, "source", None)
+    if src is None:
+        return None
+    try:
+        return src.name() if callable(src.name) else src.name  # torch >= 2.12 made name a property
+    except Exception:  # pragma: no cover - defensive: sources are internal
+        return None
+
+
+def example_value(node: torch.fx.Node) -> Any:
+    """The fake value of a node: ``meta["val"]`` in AOT graphs, ``meta["example_value"]`` in Dynamo graphs."""
+    if "val" in node.meta:
+        return node.meta["val"]
+    return node.meta.get("example_value")
+
+
+def detect_fake_mode(inputs: Any) -> Any:
+    from torch._guards import detect_fake_mode as _detect
+
+    return _detect(inputs)
+
+
+@contextlib.contextmanager
+def no_autograd_cache() -> Iterator[None]:
+    """Turn off AOTAutograd's cache: a hit would skip our joint-graph passes
+    (and their dumps). Inductor's FX-graph cache stays on: it keys on the
+    graphs after our passes."""
+    import torch._functorch.config as fconfig
+
+    if hasattr(fconfig, "enable_autograd_cache"):
+        with fconfig.patch(enable_autograd_cache=False):
+            yield
+    else:  # pragma: no cover
+        yield
+
+
+def placeholder_example(node: torch.fx.Node) -> Any:
+    """The real tensor behind a Dynamo graph input (a parameter, say), or None."""
+    arg = node.meta.get("grapharg")
+    if arg is None:
+        return None
+    try:
+        ex = arg.example
+    except Exception:  # the weak reference may be dead, or the input is symbolic
+        return None
+    return ex if isinstance(ex, torch.Tensor) and not is_fake(ex) else None
+
+
+def trace_artifact(name: str, payload: str, encoding: str = "string") -> None:
+    """Emit an artifact to torch's structured trace (``TORCH_TRACE`` + tlparse)."""
+    try:
+        from torch._logging import trace_structured
+    except ImportError:  # pragma: no cover
+        return
+    trace_structured(
+        "artifact",
+        metadata_fn=lambda: {"name": f"unsloth_fx_{name}", "encoding": encoding},
+        payload_fn=lambda: payload,
+    )
+
+
+def checkpoint_policy() -> Any:
+    """The enum the min-cut partitioner reads from ``node.meta["recompute"]``."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy
+
+
+@functools.cache
+def fake_tensor_mode_cls() -> Any:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode
+
+
+def is_fake(t: Any) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)

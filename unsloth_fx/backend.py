@@ -1,0 +1,168 @@
+"""The ``unsloth`` torch.compile backend.
+
+Flow for one Dynamo graph::
+
+    Dynamo graph --pre_grad passes--> AOTAutograd traces the joint fwd+bwd graph
+      --joint passes--> partition (torch's min-cut, honouring meta["recompute"] tags)
+      --forward / backward passes--> lower (Inductor, or eager for debugging)
+
+Graphs traced without gradients go through the ``inference`` stage instead.
+Graphs that compiled autograd hands over are lowered without training passes.
+
+Found through the ``torch_dynamo_backends`` entry point, so
+``torch.compile(m, backend="unsloth")`` needs no import. This module must not
+register the backend itself at import: the entry-point loader registers the
+function it loads, and a second registration under the same name is an error.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import warnings
+from typing import Any, Callable
+
+import torch
+import torch.fx
+
+from unsloth_fx import _compat
+from unsloth_fx.dump import Dumper
+from unsloth_fx.options import Options
+from unsloth_fx.pass_base import ParamInfo, PassContext, ufx
+from unsloth_fx.pipeline import Pipeline, run_stage
+
+_graph_ids = itertools.count()
+
+# The last compile's context, for tests and for `unsloth_fx.last_compile()`.
+LAST: dict[str, Any] = {}
+
+_SEG_RE = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)|\[(\d+)\]|\['([^']+)'\]")
+
+
+def source_to_fqn(source: str) -> str | None:
+    """``L['self']._modules['lm_head']._parameters['weight']`` -> ``lm_head.weight``."""
+    for root in ("L['self']", "L['mod']", "L['model']", "L['fn']"):
+        if source.startswith(root):
+            rest = source[len(root):]
+            break
+    else:
+        return None
+    parts = [next(g for g in m.groups() if g is not None) for m in _SEG_RE.finditer(rest)]
+    return ".".join(parts) if parts else None
+
+
+def param_infos(gm: torch.fx.GraphModule) -> dict[int, ParamInfo]:
+    """Which of a Dynamo graph's inputs are module parameters or buffers."""
+    out: dict[int, ParamInfo] = {}
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        src = _compat.placeholder_source_name(node)
+        if src is None or ("_parameters[" not in src and "_buffers[" not in src):
+            continue
+        fqn = source_to_fqn(src)
+        if fqn is None:
+            continue
+        val = _compat.example_value(node)
+        real = _compat.placeholder_example(node)
+        out[i] = ParamInfo(
+            name=fqn,
+            index=i,
+            shape=tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else (),
+            dtype=val.dtype if isinstance(val, torch.Tensor) else torch.float32,
+            requires_grad=bool(getattr(real if real is not None else val, "requires_grad", False)),
+            is_buffer="_buffers[" in src,
+            tensor=real,
+        )
+        ufx(node).param = fqn
+    return out
+
+
+def _device_of(inputs: list[Any]) -> torch.device:
+    for t in inputs:
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return torch.device("cpu")
+
+
+def _lower(opts: Options, gm: torch.fx.GraphModule, inputs: Any, **kwargs: Any) -> Callable[..., Any]:
+    if opts.lower == "eager":
+        gm.recompile()
+        return _compat.make_boxed(gm)
+    return _compat.inductor_compile(gm, inputs, **kwargs)
+
+
+def unsloth(gm: torch.fx.GraphModule, example_inputs: list[Any], *, options: dict[str, Any] | None = None,
+            mode: str | None = None) -> Callable[..., Any]:
+    """The backend: ``torch.compile(model, backend="unsloth", options={...})``."""
+    opts = Options.from_user(options)
+    if mode not in (None, "default"):
+        warnings.warn(f"unsloth backend: mode={mode!r} is not used; options= controls this backend", stacklevel=2)
+
+    if _compat.is_compiled_autograd_graph(gm):
+        # Compiled autograd's backward graph: lower it, nothing to plan.
+        if opts.lower == "eager":
+            return gm.forward
+        from torch._inductor import compile as inductor_compile
+
+        return inductor_compile(gm, example_inputs)
+
+    graph_id = next(_graph_ids)
+    pipeline = Pipeline.parse(opts.pipeline)
+    ctx = PassContext(
+        options=opts,
+        params=param_infos(gm),
+        example_inputs=list(example_inputs),
+        device=_device_of(example_inputs),
+        graph_id=graph_id,
+    )
+    dumper = None
+    if opts.dump or os.environ.get("TORCH_TRACE"):
+        dumper = Dumper(opts.dump, graph_id, str(pipeline), [f"{s.stage}:{s.name}" for s, _ in pipeline.passes()])
+    LAST.clear()
+    LAST.update(ctx=ctx, pipeline=pipeline, dump_dir=dumper.dir if dumper else None)
+
+    gm = run_stage(pipeline, "pre_grad", gm, ctx, dumper)
+
+    def partition(joint: torch.fx.GraphModule, joint_inputs: Any, *, num_fwd_outputs: int, **kw: Any):
+        ctx.num_fwd_outputs = num_fwd_outputs
+        _mark_joint_params(joint, ctx)
+        joint = run_stage(pipeline, "joint", joint, ctx, dumper)
+        joint.recompile()
+        part = _compat.inductor_partition if opts.lower == "inductor" else _compat.min_cut_partition
+        fw, bw = part(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
+        LAST["joint"] = joint
+        return fw, bw
+
+    def stage_compiler(stage: str) -> Callable[..., Any]:
+        def compile_stage(g: torch.fx.GraphModule, inputs: Any, **kw: Any) -> Callable[..., Any]:
+            g = run_stage(pipeline, stage, g, ctx, dumper)
+            LAST[stage] = g
+            if dumper is not None:
+                dumper.final(stage, g)
+                dumper.finish(ctx)
+            extra = {"is_backward": stage == "backward", "is_inference": stage == "inference", "graph_id": graph_id}
+            return _lower(opts, g, inputs, **extra)
+
+        return compile_stage
+
+    backend = _compat.aot_autograd(
+        fw_compiler=stage_compiler("forward"),
+        bw_compiler=stage_compiler("backward"),
+        inference_compiler=stage_compiler("inference"),
+        partition_fn=partition,
+        decompositions=_compat.inductor_decompositions() if opts.lower == "inductor" else {},
+        keep_inference_input_mutations=True,
+    )
+    with _compat.no_autograd_cache():
+        compiled = backend(gm, example_inputs)
+    if dumper is not None:
+        dumper.finish(ctx)
+    return compiled
+
+
+def _mark_joint_params(joint: torch.fx.GraphModule, ctx: PassContext) -> None:
+    """Copy parameter names onto the joint graph's primal placeholders (same order as the Dynamo inputs)."""
+    placeholders = [n for n in joint.graph.nodes if n.op == "placeholder"]
+    for i, info in ctx.params.items():
+        if i < len(placeholders) and placeholders[i].name.startswith("primals"):
+            ufx(placeholders[i]).param = info.name
