@@ -1,0 +1,291 @@
+"""HybridAdamW: AdamW with compact, per-block gated moment state.
+
+``HybridAdamW(params, lr, betas, eps, weight_decay, state_precision=...)``
+keeps the AdamW moments of each parameter in one of five tiers (see
+``unsloth_fx.runtime.adamw`` for the layout and bytes per parameter):
+
+* ``"fp32"`` / ``"bf16"``: full moments (bf16 rounded stochastically),
+* ``"int8"`` / ``"int4"``: blockwise quantized moments (128 elements a block),
+* ``"hybrid"``: int4 (or int8, ``hybrid_bits=8``) moments, except the blocks
+  whose *update direction* the quantization hurts most, which keep fp32
+  moments.  The kernel measures that error every step for every block; every
+  ``gate_every`` steps the gate promotes blocks with error above
+  ``gate_promote`` and demotes fp32 blocks whose error fell below
+  ``gate_demote`` (hysteresis), never more than ``hybrid_cap`` of a tensor's
+  blocks in fp32.  Decisions (``slot``) and errors live in the state dict.
+
+Embeddings, the LM head, norms, biases, 1-D tensors and tensors under
+``min_quant_numel`` elements keep fp32 moments in the quantized tiers unless
+``quantize_all=True`` (names are known when the optimizer is given
+``model.named_parameters()``; use :func:`param_groups` otherwise).
+
+bf16 weights are updated with stochastic rounding (``stochastic_rounding``),
+from Philox keyed by a per-parameter seed and the step, so a run is
+reproducible for a fixed ``seed``.
+
+Non-finite gradients: with ``check_finite=True`` (default) a parameter whose
+gradient holds a NaN or inf is not updated at all (weight, moments and step
+unchanged) and ``state["nonfinite_skips"]`` counts it, without a host sync.
+The kernel also never writes a block whose gradient is non-finite, so the
+moments are never corrupted even with ``check_finite=False`` (then only the
+affected 128-element blocks are skipped).
+
+``implementation="reference"`` runs the pure-PyTorch reference (same math,
+codes and random bits as the Triton kernels) instead of the ops.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+from unsloth_fx.runtime import adamw as _k
+from unsloth_fx.runtime import optim_reference as _ref
+from unsloth_fx.runtime.adamw import TIERS, hybrid_regate_, init_state, state_nbytes
+
+__all__ = ["HybridAdamW", "param_groups", "reference_step_state", "TIERS"]
+
+HIGH_PRECISION_NAMES = ("embed", "lm_head", "wte", "wpe", "norm", "bias")
+GATE_DEFAULTS = {4: (0.02, 0.01), 8: (1e-3, 5e-4)}  # bits -> (promote, demote)
+_META_KEYS = ("step", "nonfinite_skips", "tier", "seed", "gate_clock", "hybrid_bits")
+
+
+def _is_high_precision_name(name: str | None, patterns=HIGH_PRECISION_NAMES) -> bool:
+    return name is not None and any(p in name.lower() for p in patterns)
+
+
+def param_groups(model: torch.nn.Module, state_precision: str = "hybrid", **group_options) -> list[dict]:
+    """Two groups for ``model``: embeddings / LM head / norms / biases (fp32
+    moments) and everything else (``state_precision``)."""
+    high, low = [], []
+    emb_ids = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    out_emb = getattr(model, "get_output_embeddings", lambda: None)()
+    if out_emb is not None:
+        emb_ids |= {id(p) for p in out_emb.parameters()}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (high if id(p) in emb_ids or _is_high_precision_name(name) or p.ndim < 2 else low).append(p)
+    groups = []
+    if high:
+        groups.append({"params": high, "state_precision": "fp32", **group_options})
+    if low:
+        groups.append({"params": low, "state_precision": state_precision, **group_options})
+    return groups
+
+
+def reference_step_state(tier: str, param: Tensor, grad: Tensor, state: dict, *, lr, betas, eps,
+                         weight_decay, step, found_inf=None, seed=0, stochastic_rounding=True,
+                         hybrid_bits: int = 4) -> None:
+    """Pure-PyTorch twin of ``unsloth_fx.runtime.adamw.adamw_step_state``."""
+    kw = dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay, step=step,
+              found_inf=found_inf, seed=seed, stochastic_rounding=stochastic_rounding)
+    if tier in ("fp32", "bf16"):
+        _ref.reference_step_(param, grad, tier=tier, exp_avg=state["exp_avg"],
+                             exp_avg_sq=state["exp_avg_sq"], **kw)
+    elif tier in ("int8", "int4"):
+        _ref.reference_step_(param, grad, tier="quant", bits=8 if tier == "int8" else 4,
+                             **{k: state[k] for k in ("m_codes", "m_scale", "v_codes", "v_scale")}, **kw)
+    elif tier == "hybrid":
+        _ref.reference_step_(param, grad, tier="hybrid", bits=hybrid_bits,
+                             **{k: state[k] for k in ("m_codes", "m_scale", "v_codes", "v_scale",
+                                                      "slot", "pool_m", "pool_v", "err")}, **kw)
+    else:
+        raise ValueError(f"unknown tier {tier!r}; expected one of {TIERS}")
+
+
+def _as_tensor(x, device) -> Tensor:
+    if isinstance(x, Tensor):
+        return x.detach().to(device=device, dtype=torch.float32).reshape(())
+    return torch.tensor(float(x), dtype=torch.float32, device=device)
+
+
+class HybridAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, bias correction) with compact moments.
+
+    Args beyond ``torch.optim.AdamW``'s (all may be set per param group):
+      state_precision: "hybrid" | "fp32" | "bf16" | "int8" | "int4".
+      stochastic_rounding: round bf16 weights (and bf16 moments) stochastically.
+      hybrid_bits: 4 or 8, the quantized store of the hybrid tier.
+      hybrid_cap: at most this fraction of a tensor's blocks keeps fp32 moments
+        (the fp32 pool is allocated at this size: 8 * cap bytes/param).
+      gate_every: re-run the gate every K optimizer steps (and after step 1).
+      gate_promote / gate_demote: hysteresis thresholds on the relative squared
+        error of a block's update direction (promote above, demote below);
+        default ``GATE_DEFAULTS[hybrid_bits]``.
+      min_quant_numel: tensors with fewer elements keep fp32 moments.
+      quantize_all: quantize embeddings/LM head/norms/biases/small tensors too.
+      check_finite: skip (and count) parameters whose gradient is non-finite.
+      seed: base seed of the stochastic-rounding random numbers.
+      implementation: "auto" (Triton ops; reference on plain CPU) | "reference".
+
+    Hyper-parameters are held as 0-d fp32 tensors on the parameters' device,
+    so LR schedulers update them in place (``fill_``) and nothing recompiles.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 state_precision: str = "hybrid", stochastic_rounding: bool = True, *,
+                 hybrid_bits: int = 4, hybrid_cap: float = 0.1, gate_every: int = 100,
+                 gate_promote: float | None = None, gate_demote: float | None = None,
+                 min_quant_numel: int = 4096, quantize_all: bool = False,
+                 check_finite: bool = True, seed: int = 0, implementation: str = "auto"):
+        if state_precision not in TIERS:
+            raise ValueError(f"state_precision={state_precision!r}; expected one of {TIERS}")
+        if hybrid_bits not in (4, 8):
+            raise ValueError(f"hybrid_bits must be 4 or 8, got {hybrid_bits}")
+        if not 0.0 <= float(hybrid_cap) <= 1.0:
+            raise ValueError(f"hybrid_cap must be in [0, 1], got {hybrid_cap}")
+        # defaults by store: int4 re-quantization typically costs ~0.015 relative
+        # squared update error per block, int8 ~5e-5 (measured on random data)
+        dp, dd = GATE_DEFAULTS[hybrid_bits]
+        gate_promote = dp if gate_promote is None else gate_promote
+        gate_demote = dd if gate_demote is None else gate_demote
+        if not gate_demote <= gate_promote:
+            raise ValueError(f"gate_demote ({gate_demote}) must be <= gate_promote ({gate_promote})")
+        if implementation not in ("auto", "reference"):
+            raise ValueError(f"implementation must be 'auto' or 'reference', got {implementation!r}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        state_precision=state_precision, stochastic_rounding=stochastic_rounding,
+                        hybrid_bits=hybrid_bits, hybrid_cap=hybrid_cap, gate_every=gate_every,
+                        gate_promote=gate_promote, gate_demote=gate_demote,
+                        min_quant_numel=min_quant_numel, quantize_all=quantize_all,
+                        check_finite=check_finite)
+        self._seed = int(seed)
+        self._implementation = implementation
+        super().__init__(params, defaults)
+
+    # -- groups ---------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        g = self.param_groups[-1]
+        if g["state_precision"] not in TIERS:
+            raise ValueError(f"state_precision={g['state_precision']!r}; expected one of {TIERS}")
+        self._tensorize(g)
+
+    @staticmethod
+    def _group_device(g):
+        devs = {p.device for p in g["params"]}
+        return devs.pop() if len(devs) == 1 else torch.device("cpu")
+
+    def _tensorize(self, g: dict) -> None:
+        dev = self._group_device(g)
+        for k in ("lr", "eps", "weight_decay"):
+            g[k] = _as_tensor(g[k], dev)
+        g["betas"] = tuple(_as_tensor(b, dev) for b in g["betas"])
+
+    # -- per-parameter set-up -------------------------------------------------
+    def _tier_for(self, g: dict, p: Tensor, name: str | None) -> str:
+        sp = g["state_precision"]
+        if sp in ("fp32", "bf16") or g["quantize_all"]:
+            return sp
+        if p.ndim < 2 or p.numel() < g["min_quant_numel"] or _is_high_precision_name(name):
+            return "fp32"
+        return sp
+
+    def _init_state(self, g: dict, p: Tensor, name: str | None, index: int) -> dict:
+        tier = self._tier_for(g, p, name)
+        st = init_state(tier, p, hybrid_bits=g["hybrid_bits"], hybrid_cap=g["hybrid_cap"])
+        st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        st["nonfinite_skips"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        st["tier"] = tier
+        # one Philox key per parameter; 31 bits (the kernel's seed argument is int32)
+        st["seed"] = (self._seed * 1_000_003 + index * 7919 + 1) & 0x7FFFFFFF
+        if tier == "hybrid":
+            st["gate_clock"] = 0
+            st["hybrid_bits"] = g["hybrid_bits"]
+        return st
+
+    # -- the step -------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index = 0
+        for g in self.param_groups:
+            names = g.get("param_names")
+            for i, p in enumerate(g["params"]):
+                index += 1
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError(
+                        "HybridAdamW does not support sparse gradients (got one for a parameter of "
+                        f"shape {tuple(p.shape)}); use torch.optim.SparseAdam for it, or "
+                        "nn.Embedding(sparse=False)")
+                st = self.state[p]
+                if not st:
+                    st.update(self._init_state(g, p, names[i] if names else None, index))
+                self._step_param(g, p, grad, st)
+        return loss
+
+    def _step_param(self, g: dict, p: Tensor, grad: Tensor, st: dict) -> None:
+        dev = p.device
+        h = [x if x.device == dev else x.to(dev) for x in (g["lr"], *g["betas"], g["eps"], g["weight_decay"])]
+        found_inf = None
+        if g["check_finite"]:
+            found_inf = torch.logical_not(torch.isfinite(grad).all()).to(torch.float32)
+            st["nonfinite_skips"].add_(found_inf)
+            st["step"].add_(1.0 - found_inf)
+        else:
+            st["step"].add_(1.0)
+        kw = dict(lr=h[0], betas=(h[1], h[2]), eps=h[3], weight_decay=h[4], step=st["step"],
+                  found_inf=found_inf, seed=st["seed"], stochastic_rounding=g["stochastic_rounding"],
+                  hybrid_bits=st.get("hybrid_bits", 4))
+        tier = st["tier"]
+        if self._implementation == "reference":
+            reference_step_state(tier, p, grad, st, **kw)
+        else:
+            _k.adamw_step_state(tier, p, grad, st, **kw)
+        if tier == "hybrid":
+            st["gate_clock"] += 1
+            if st["gate_clock"] == 1 or st["gate_clock"] % g["gate_every"] == 0:
+                st["last_gate"] = hybrid_regate_(st, bits=st["hybrid_bits"],
+                                                 promote=g["gate_promote"], demote=g["gate_demote"])
+
+    # -- state dict: byte-exact (torch's default would cast state to the param dtype)
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        current = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        id_map = dict(zip(saved_ids, current))
+        super().load_state_dict(state_dict)
+        for key, saved in state_dict["state"].items():
+            p = id_map.get(key)
+            if p is None:
+                continue
+            self.state[p] = {k: (v.detach().clone().to(p.device) if isinstance(v, Tensor) else
+                                 (dict(v) if isinstance(v, dict) else v))
+                             for k, v in saved.items()}
+        for g in self.param_groups:
+            self._tensorize(g)
+
+    # -- reporting ------------------------------------------------------------
+    def state_bytes(self) -> int:
+        """Bytes of moment state (codes, scales, pools, slots, errors) over all
+        parameters that have state; excludes the per-tensor step counters."""
+        return sum(state_nbytes({k: v for k, v in st.items() if k not in _META_KEYS})
+                   for st in self.state.values())
+
+    def state_bytes_per_param(self) -> float:
+        """Moment-state bytes per parameter element, over parameters with state."""
+        n = sum(p.numel() for p in self.state.keys())
+        return self.state_bytes() / n if n else 0.0
+
+    def nonfinite_skips(self) -> int:
+        """Total number of (parameter, step) updates skipped for a non-finite gradient."""
+        return int(sum(float(st["nonfinite_skips"]) for st in self.state.values() if "nonfinite_skips" in st))
+
+    def tier_summary(self) -> dict:
+        """{tier: number of parameter elements}, plus "hybrid_fp32_blocks"."""
+        out: dict = {}
+        for p, st in self.state.items():
+            out[st["tier"]] = out.get(st["tier"], 0) + p.numel()
+            if st["tier"] == "hybrid":
+                out["hybrid_fp32_blocks"] = out.get("hybrid_fp32_blocks", 0) + int((st["slot"] >= 0).sum())
+                out["hybrid_blocks"] = out.get("hybrid_blocks", 0) + st["slot"].numel()
+        return out
