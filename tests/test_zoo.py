@@ -72,6 +72,8 @@ def test_dtype_and_overrides():
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert len(model.model.layers) == 2
     assert model.config._attn_implementation == "sdpa"
+    assert model.config.use_cache is False  # else packed position_ids are ignored (see test_data)
+    assert zoo.get_config("tiny-qwen2", use_cache=True).use_cache is True
     assert model.config.rope_parameters["rope_type"] == "llama3"
     # The MoE router pins float32 parameters; dtype= must still make the whole model uniform.
     moe = zoo.build_model("tiny-deepseek-v3", dtype=torch.bfloat16)

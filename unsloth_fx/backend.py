@@ -40,15 +40,18 @@ LAST: dict[str, Any] = {}
 _SEG_RE = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)|\[(\d+)\]|\['([^']+)'\]")
 
 
+_ROOT_RE = re.compile(r"^(?:L|G)\['[^']+'\](?:\[\d+\])?")
+
+
 def source_to_fqn(source: str) -> str | None:
-    """``L['self']._modules['lm_head']._parameters['weight']`` -> ``lm_head.weight``."""
-    for root in ("L['self']", "L['mod']", "L['model']", "L['fn']"):
-        if source.startswith(root):
-            rest = source[len(root):]
-            break
-    else:
+    """``L['self']._modules['lm_head']._parameters['weight']`` -> ``lm_head.weight``.
+
+    The root is the module Dynamo was called on (``L['self']``, ``L['fn']``,
+    or ``L['args'][0]`` when a wrapper passes the module positionally)."""
+    m = _ROOT_RE.match(source)
+    if m is None:
         return None
-    parts = [next(g for g in m.groups() if g is not None) for m in _SEG_RE.finditer(rest)]
+    parts = [next(g for g in seg.groups() if g is not None) for seg in _SEG_RE.finditer(source[m.end():])]
     return ".".join(parts) if parts else None
 
 

@@ -125,7 +125,7 @@ class Pipeline:
         out: list[tuple[str, dict[str, str]]] = []
         for it in self.items:
             if it.name == "default":
-                out.extend((n, {}) for n in DEFAULT_PASSES)
+                out.extend((n, {}) for n in DEFAULT_PASSES if all(n != m for m, _ in out))
             elif it.op == "-":
                 out = [(n, o) for n, o in out if n != it.name]
             elif any(n == it.name for n, _ in out):  # naming a pass again sets its options in place
@@ -157,6 +157,7 @@ def run_stage(
     from unsloth_fx.verify import GraphInvariantError, verify_graph
 
     ctx.stage = stage
+    ctx.stats.setdefault(stage, {})  # a stage that ran is listed even when it has no passes
     done: list[str] = []
     if dumper is not None:
         dumper.graph(stage, "input", gm, {}, 0.0)

@@ -276,12 +276,17 @@ def _classes(family: str):
 def get_config(name: str, **overrides: Any):
     """The transformers config of ``name`` with ``overrides`` applied (e.g. ``num_hidden_layers=2``).
 
+    ``use_cache`` defaults to False (pass ``use_cache=True`` for generation).
     ``attn_implementation`` defaults to ``"sdpa"``; MoE models default to
     ``experts_implementation="grouped_mm"`` (see the module docstring).
     """
     spec = _spec(name)
     cfg_cls, _ = _classes(spec.family)
     kwargs = copy.deepcopy(spec.config)
+    # A training zoo: with use_cache=True transformers builds a KV cache even in training
+    # and then skips packed-sequence detection from position_ids, silently letting
+    # attention cross example boundaries in packed batches (see unsloth_fx.data).
+    kwargs["use_cache"] = False
     impl = {k: overrides.pop(k) for k in _IMPL_KEYS if k in overrides}
     kwargs.update(overrides)
     config = cfg_cls(**kwargs)

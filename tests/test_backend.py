@@ -1,0 +1,199 @@
+"""The `unsloth` backend end to end: numerics against eager, discovery, dumps,
+custom passes and the verifier."""
+
+import json
+import re
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.fx
+from torch.testing import FileCheck
+
+import unsloth_fx.backend as backend
+from unsloth_fx.pass_base import PassResult, graph_pass, ufx
+from unsloth_fx.pipeline import PassFailure
+from unsloth_fx.zoo import build_model
+
+TINY = ["tiny-qwen2", "tiny-llama", "tiny-deepseek-v3"]
+
+
+def _pair(name):
+    torch.manual_seed(0)
+    ref = build_model(name, device="cpu", dtype=torch.float32)
+    ours = build_model(name, device="cpu", dtype=torch.float32)
+    ours.load_state_dict(ref.state_dict())
+    ref.config.use_cache = ours.config.use_cache = False
+    ids = torch.randint(0, ref.config.vocab_size, (2, 24))
+    return ref, ours, ids
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    plain = getattr(model, "_orig_mod", model)  # a compiled module wraps the original
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in plain.named_parameters() if p.grad is not None}
+
+
+def _assert_same_training_step(name, options, atol=2e-5, rtol=2e-4):
+    ref, ours, ids = _pair(name)
+    compiled = torch.compile(ours, backend="unsloth", options=options)
+    l_ref, g_ref = _loss_and_grads(ref, ids)
+    l_ours, g_ours = _loss_and_grads(compiled, ids)
+    torch.testing.assert_close(l_ours, l_ref, atol=atol, rtol=rtol)
+    assert g_ours.keys() == g_ref.keys() and len(g_ref) == len(list(ref.parameters()))
+    for k in g_ref:
+        torch.testing.assert_close(g_ours[k], g_ref[k], atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_compiled_step_matches_eager_loss_and_every_gradient(name):
+    torch._dynamo.reset()
+    _assert_same_training_step(name, {"lower": "eager"})
+
+
+@pytest.mark.slow
+def test_inductor_lowering_matches_eager():
+    torch._dynamo.reset()
+    _assert_same_training_step("tiny-qwen2", {"lower": "inductor"}, atol=1e-4, rtol=1e-3)
+
+
+def test_negative_control_a_different_model_fails_the_comparison():
+    # The comparison above must be able to fail: perturb one weight and it does.
+    ref, ours, ids = _pair("tiny-qwen2")
+    with torch.no_grad():
+        next(ours.parameters()).add_(1e-2)
+    l_ref, _ = _loss_and_grads(ref, ids)
+    l_ours, _ = _loss_and_grads(torch.compile(ours, backend="unsloth", options={"lower": "eager"}), ids)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(l_ours, l_ref, atol=2e-5, rtol=2e-4)
+
+
+def test_parameters_are_named_on_the_joint_graph():
+    torch._dynamo.reset()
+    ref, ours, ids = _pair("tiny-llama")
+    torch.compile(ours, backend="unsloth", options={"lower": "eager"})(input_ids=ids, labels=ids).loss.backward()
+    names = {p.name for p in backend.LAST["ctx"].params.values() if not p.is_buffer}
+    assert {p.name for p in backend.LAST["ctx"].params.values() if p.is_buffer} == {"model.rotary_emb.inv_freq"}
+    assert names == {n for n, _ in ours.named_parameters()}
+    joint = backend.LAST["joint"]
+    marked = {ufx(n).param for n in joint.graph.nodes if n.op == "placeholder" and n.meta.get("ufx")}
+    assert "lm_head.weight" in marked and "model.embed_tokens.weight" in marked
+
+
+@pytest.mark.parametrize("preimport", [False, True])
+def test_backend_is_found_through_the_entry_point_in_a_fresh_process(preimport):
+    code = (
+        ("import unsloth_fx.backend\n" if preimport else "")
+        + "import sys, torch\n"
+        + "assert %s ('unsloth_fx' in sys.modules)\n" % ("" if preimport else "not")
+        + "m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))\n"
+        + "f = torch.compile(m, backend='unsloth', options={'lower': 'eager'})\n"
+        + "x = torch.randn(4, 8)\n"
+        + "f(x).sum().backward()\n"
+        + "import unsloth_fx.backend as b\n"
+        + "print('stages', sorted(b.LAST['ctx'].stats))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNSLOTH_FX_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "stages ['backward', 'forward', 'joint', 'pre_grad']" in out.stdout
+
+
+def test_inference_graphs_go_through_the_inference_stage():
+    torch._dynamo.reset()
+    m = torch.nn.Linear(8, 4)
+    f = torch.compile(m, backend="unsloth", options={"lower": "eager"})
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(f(x), m(x))
+    assert "inference" in backend.LAST and "joint" not in backend.LAST["ctx"].stats
+
+
+@graph_pass(name="tag_matmuls", stage="joint")
+def tag_matmuls(gm, ctx):
+    """Example user pass: annotate every matmul (idempotent)."""
+    changed = False
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default):
+            if ufx(n).notes.get("tagged") is not True:
+                ufx(n).notes["tagged"] = True
+                changed = True
+    return PassResult(gm, changed, {"tagged": sum(1 for n in gm.graph.nodes if n.meta.get("ufx") and n.meta["ufx"].notes.get("tagged"))})
+
+
+def test_custom_pass_runs_and_appears_in_the_dump(tmp_path):
+    torch._dynamo.reset()
+    ref, ours, ids = _pair("tiny-qwen2")
+    f = torch.compile(ours, backend="unsloth", options={"lower": "eager", "dump": str(tmp_path), "pipeline": "default,+tag_matmuls"})
+    f(input_ids=ids, labels=ids).loss.backward()
+    (g,) = [p for p in tmp_path.iterdir() if p.name.startswith("graph_")]
+    files = {p.name for p in g.iterdir()}
+    for must in ["pipeline.txt", "forward.py", "backward.py", "pass_stats.json", "000_pre_grad_input.py", "001_joint_input.py"]:
+        assert must in files, sorted(files)
+    (mine,) = [f for f in files if f.endswith("_joint_tag_matmuls.py")]
+    assert mine.replace(".py", ".diff") in files
+    text = (g / mine).read_text()
+    assert text.startswith("# built by tag_matmuls (modified=True, tagged=")
+    FileCheck().check("def forward").check("f32[").check("torch.ops.aten.mm.default").run(text)
+    stats = json.loads((g / "pass_stats.json").read_text())
+    assert stats["joint"]["tag_matmuls"]["modified"] is True and stats["joint"]["tag_matmuls"]["tagged"] > 0
+    assert "default,+tag_matmuls" in (g / "pipeline.txt").read_text()
+
+
+def test_custom_pass_is_idempotent():
+    torch._dynamo.reset()
+    _, ours, ids = _pair("tiny-qwen2")
+    torch.compile(ours, backend="unsloth", options={"lower": "eager", "pipeline": "tag_matmuls"})(input_ids=ids, labels=ids).loss.backward()
+    joint = backend.LAST["joint"]
+    assert tag_matmuls(joint, backend.LAST["ctx"]).modified is False
+
+
+@graph_pass(name="break_graph_for_test", stage="joint")
+def break_graph_for_test(gm, ctx):
+    """Deliberately broken: adds a node with no fake value."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    with gm.graph.inserting_before(out):
+        gm.graph.call_function(torch.ops.aten.neg.default, (x,), name="orphan_neg")
+    gm.recompile()
+    return PassResult(gm, True)
+
+
+@graph_pass(name="mutate_for_test", stage="forward")
+def mutate_for_test(gm, ctx):
+    """Deliberately broken: turns the graph non-functional."""
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            n.target = torch.ops.aten.relu_.default
+            n.args = (n.args[0],)
+            break
+    gm.recompile()
+    return PassResult(gm, True)
+
+
+@pytest.mark.parametrize(
+    "pipeline, message",
+    [
+        ("plan_memory,break_graph_for_test", r"pass 'break_graph_for_test' broke the joint graph: node orphan_neg .* has no meta\['val'\]: .*\[passes before it: plan_memory\]"),
+        ("mutate_for_test", r"pass 'mutate_for_test' broke the forward graph: node .* calls the mutating op aten.relu_.default"),
+    ],
+)
+def test_verifier_names_the_pass_that_broke_the_graph(pipeline, message):
+    torch._dynamo.reset()
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    f = torch.compile(m, backend="unsloth", options={"lower": "eager", "pipeline": pipeline, "verify": True})
+    with pytest.raises(Exception) as e:
+        f(torch.randn(4, 8)).sum().backward()
+    failures = [x for x in _causes(e.value) if isinstance(x, PassFailure)]
+    assert failures, str(e.value)
+    assert re.search(message, str(failures[0])), str(failures[0])
+
+
+def _causes(err):
+    while err is not None:
+        yield err
+        err = err.__cause__ or err.__context__
