@@ -112,7 +112,8 @@ class HybridAdamW(torch.optim.Optimizer):
       hybrid_bits: 4 or 8, the quantized store of the hybrid tier.
       hybrid_cap: at most this fraction of a tensor's blocks keeps fp32 moments
         (the fp32 pool is allocated at this size: 8 * cap bytes/param).
-      gate_every: re-run the gate every K optimizer steps (and after step 1).
+      gate_every: re-run the gate every K optimizer steps (and before step 1,
+        from a scratch run of step 1).
       gate_promote / gate_demote: hysteresis thresholds on the relative squared
         error of a block's update direction (promote above, demote below);
         default ``GATE_DEFAULTS[hybrid_bits]``.
@@ -238,13 +239,22 @@ class HybridAdamW(torch.optim.Optimizer):
                   found_inf=found_inf, seed=st["seed"], stochastic_rounding=g["stochastic_rounding"],
                   hybrid_bits=st.get("hybrid_bits", 4))
         tier = st["tier"]
-        if self._implementation == "reference":
-            reference_step_state(tier, p, grad, st, **kw)
-        else:
-            _k.adamw_step_state(tier, p, grad, st, **kw)
+        run = reference_step_state if self._implementation == "reference" else _k.adamw_step_state
+        if tier == "hybrid" and st["gate_clock"] == 0:
+            # First step: gate *before* anything is quantized.  The error the kernel
+            # measures is that of re-quantizing the state it holds; once a block's
+            # first state has been quantized the damage (e.g. a second moment raised
+            # to the code's floor) is already in the state and invisible to it.  So
+            # run step 1 once on scratch copies to measure, gate, then step for real.
+            scratch = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in st.items()}
+            run(tier, p.detach().clone(), grad, scratch, **{**kw, "step": st["step"].clone()})
+            st["err"].copy_(scratch["err"])
+            st["last_gate"] = hybrid_regate_(st, bits=st["hybrid_bits"],
+                                             promote=g["gate_promote"], demote=g["gate_demote"])
+        run(tier, p, grad, st, **kw)
         if tier == "hybrid":
             st["gate_clock"] += 1
-            if st["gate_clock"] == 1 or st["gate_clock"] % g["gate_every"] == 0:
+            if st["gate_clock"] % g["gate_every"] == 0:
                 st["last_gate"] = hybrid_regate_(st, bits=st["hybrid_bits"],
                                                  promote=g["gate_promote"], demote=g["gate_demote"])
 
