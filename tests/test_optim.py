@@ -6,6 +6,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
 import io  # noqa: E402
+import math  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -295,3 +296,40 @@ def test_invalid_arguments_name_the_fix():
         HybridAdamW(p, state_precision="int2")
     with pytest.raises(ValueError, match="gate_demote"):
         HybridAdamW(p, gate_promote=0.01, gate_demote=0.1)
+
+
+# --------------------------------------------------------------------------
+# the GPU scripts' CPU smoke modes (so they cannot rot unseen)
+# --------------------------------------------------------------------------
+
+def _load_script(name):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_ufx_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_optim_smoke(tmp_path):
+    mod = _load_script("bench_optim")
+    out = tmp_path / "b.json"
+    rows = mod.main(["--smoke", "--sizes", "3000", "--tiers", "int8,hybrid", "--out", str(out)])
+    assert out.exists()
+    impls = [r["impl"] for r in rows]
+    assert "unsloth_fx int8" in impls and any("torch AdamW" in i for i in impls)
+    assert mod.bytes_per_param("int8") == pytest.approx(6 + 4 + 16 / 128)  # p r+w, g r, codes r+w, 2 scales r+w
+    assert all(r["GBps"] > 0 and r["time_s"] > 0 for r in rows)
+
+
+def test_convergence_smoke(tmp_path):
+    mod = _load_script("convergence")
+    out = mod.main(["--smoke", "--steps", "3", "--variants", "amp,int8", "--out-dir", str(tmp_path)])
+    assert (tmp_path / "convergence.json").exists()
+    assert set(out["summary"]) == {"amp", "int8"}
+    for r in out["runs"]:
+        assert math.isfinite(r["final_val"]) and r["final_val"] < 6.0  # below uniform over 256 bytes (5.55) + slack
+    train, val = mod.load_corpus()
+    assert len(train) > 1_000_000 and len(val) > 10_000
