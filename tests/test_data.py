@@ -148,6 +148,8 @@ def test_budgets_are_used_greedily():
     assert [b["input_ids"].shape[1] for b in loader] == [12, 12, 12, 4]
     dropped = DataEfficientLoader([[1] * 4] * 10, batch_size=100, max_tokens=12, shuffle=False, drop_last=True)
     assert len(dropped) == 3 and [b["input_ids"].shape[1] for b in dropped] == [12, 12, 12]
+    tight = DataEfficientLoader([[1] * 3] * 6, batch_size=100, max_tokens=8, shuffle=False)
+    assert [b["input_ids"].shape[1] for b in tight] == [6, 6, 6]  # 9 tokens would exceed the budget
     full = DataEfficientLoader([[1] * 4] * 9, batch_size=100, max_tokens=12, shuffle=False, drop_last=True)
     assert len(full) == 3  # a full last batch is kept
 
@@ -174,7 +176,12 @@ def test_dataset_kinds():
 def test_hf_datasets_dataset():
     datasets = pytest.importorskip("datasets")
     examples = _unique_examples([4, 7, 2, 9])
-    ds = datasets.Dataset.from_dict({"input_ids": examples})
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
+
+    # An explicit fingerprint skips datasets' dill hashing, which fails with some
+    # pyarrow/dill combinations (PicklingError on MonthDayNano) and is not under test.
+    ds = datasets.Dataset(InMemoryTable(pa.table({"input_ids": examples})), fingerprint="unsloth-fx-test")
     ref = [b["input_ids"] for b in DataEfficientLoader(examples, 2, 16, seed=0)]
     got = [b["input_ids"] for b in DataEfficientLoader(ds, 2, 16, seed=0)]
     assert len(got) == len(ref) and all(torch.equal(a, b) for a, b in zip(ref, got))
