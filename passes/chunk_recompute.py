@@ -1,4 +1,24 @@
-"""Seed pass `chunk_recompute` (joint stage). Work in progress: see below."""
+"""Pass `chunk_recompute` (joint stage): materialize chunked recompute regions.
+
+Token-wise regions are split into per-chunk copies in the Dynamo graph by the
+pre_grad pass ``split_token_chunks`` (gated MLPs) and, for the LM head +
+cross-entropy, replaced by the chunked runtime op by
+``fuse_linear_cross_entropy``. AOTAutograd copies the ``meta["custom"]``
+region / chunk ids and the ``meta["recompute"]`` tags onto the aten nodes of the
+joint graph. This pass, on the joint graph:
+
+- records each region node in ``UfxMeta`` (``region``, ``chunk``; forward
+  intermediates get ``decision="chunk"``),
+- makes every forward intermediate of a chunk ``MUST_RECOMPUTE`` (the chunk's
+  output, which flows on through ``cat``, is left to the partitioner), so the
+  forward keeps only each region's inputs,
+- reports regions, chunks and tagged nodes.
+
+The min-cut partitioner then recomputes each chunk in the backward; its
+autograd-order reordering places chunk k's recompute right before chunk k's
+backward. :func:`chunk_order_violations` checks, on the backward graph, that
+chunk k's recomputed activations die before chunk k+1's are created.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +26,8 @@ from typing import Any
 
 import torch.fx
 
-from unsloth_fx.pass_base import PassContext, PassResult, graph_pass
+from unsloth_fx import _compat
+from unsloth_fx.pass_base import PassContext, PassResult, graph_pass, ufx
 
 
 def planned_chunks(ctx: PassContext, region: str, default: int) -> int:
@@ -29,7 +50,86 @@ def planned_chunks(ctx: PassContext, region: str, default: int) -> int:
     return default
 
 
+def region_of(node: torch.fx.Node) -> tuple[str | None, int | None]:
+    """(region id, chunk index) a node was traced from, or (None, None)."""
+    custom = node.meta.get("custom") or {}
+    return custom.get("ufx_region"), custom.get("ufx_chunk")
+
+
+def _tangent_dependent(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    dep: set[torch.fx.Node] = set()
+    for n in gm.graph.nodes:
+        if (n.op == "placeholder" and n.name.startswith("tangents")) or any(a in dep for a in n.all_input_nodes):
+            dep.add(n)
+    return dep
+
+
 @graph_pass(name="chunk_recompute", stage="joint", options={"chunks": 4})
 def chunk_recompute(gm: torch.fx.GraphModule, ctx: PassContext, chunks: int) -> PassResult:
-    """Not implemented yet: leaves the graph unchanged and says so."""
-    return PassResult(gm, False, {"status": "not yet active"})
+    """Tag chunk-region forward intermediates MUST_RECOMPUTE and record region/chunk in UfxMeta.
+
+    ``chunks`` is not used here (the split happens in pre_grad, from the same
+    plan); it is accepted so one pipeline string configures both. Stats:
+    ``regions``, ``chunks_per_region``, ``tagged`` (nodes newly tagged).
+    """
+    must = _compat.checkpoint_policy().MUST_RECOMPUTE
+    backward = _tangent_dependent(gm)
+    regions: dict[str, set[int]] = {}
+    tagged = 0
+    for n in gm.graph.nodes:
+        rid, k = region_of(n)
+        if rid is None or k is None or n.op != "call_function":
+            continue
+        regions.setdefault(rid, set()).add(k)
+        rec = ufx(n)
+        if (rec.region, rec.chunk) != (rid, k):
+            rec.region, rec.chunk = rid, k
+        if n in backward:
+            continue
+        # The chunk's last forward node feeds the cat; it is an output, not a saved activation.
+        if any(region_of(u)[0] == rid and region_of(u)[1] is None for u in n.users):
+            continue
+        if rec.decision != "chunk":
+            rec.decision = "chunk"
+        if n.meta.get("recompute") != must:
+            n.meta["recompute"] = must
+            tagged += 1
+    stats = {"regions": len(regions), "chunks_per_region": {r: len(c) for r, c in sorted(regions.items())},
+             "tagged": tagged}
+    return PassResult(gm, tagged > 0, stats)
+
+
+def chunk_order_violations(gm: torch.fx.GraphModule) -> list[str]:
+    """On a backward graph: for each region, chunks' recomputed activations must not overlap.
+
+    A recomputed activation is a node of the region whose chunk's forward was
+    recomputed (``UfxMeta.decision == "chunk"``). Chunk order is the order in
+    which the chunks' first activations appear. Returns one message per pair of
+    consecutive chunks where chunk k's activations are still used after chunk
+    k+1's first one is made; [] when the order holds.
+    """
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    # Views of weights (``t(primals_k)``) carry a chunk id too but hold no activation, and CSE shares
+    # them between chunks: they are left out.
+    weight_only: set[torch.fx.Node] = set()
+    for n in gm.graph.nodes:
+        ins = n.all_input_nodes
+        if n.op == "call_function" and ins and all(
+                (a.op == "placeholder" and a.name.startswith("primals")) or a in weight_only for a in ins):
+            weight_only.add(n)
+    last_use = {n: max((order[u] for u in n.users), default=order[n]) for n in gm.graph.nodes}
+    spans: dict[str, dict[int, list[int]]] = {}
+    for n in gm.graph.nodes:
+        rec = n.meta.get("ufx")
+        if (rec is None or rec.decision != "chunk" or rec.chunk is None or n.op != "call_function"
+                or n in weight_only):
+            continue
+        span = spans.setdefault(rec.region, {}).setdefault(rec.chunk, [order[n], last_use[n]])
+        span[0], span[1] = min(span[0], order[n]), max(span[1], last_use[n])
+    out = []
+    for rid, per in sorted(spans.items()):
+        seq = sorted(per.items(), key=lambda kv: kv[1][0])
+        for (ka, (_, end_a)), (kb, (start_b, _)) in zip(seq, seq[1:]):
+            if end_a >= start_b:
+                out.append(f"{rid}: chunk {ka} is still used at node #{end_a} after chunk {kb} starts at #{start_b}")
+    return out
