@@ -113,6 +113,25 @@ def test_inference_graphs_go_through_the_inference_stage():
     assert "inference" in backend.LAST and "joint" not in backend.LAST["ctx"].stats
 
 
+def test_compiled_autograd_graphs_are_lowered_without_training_passes():
+    from unsloth_fx import _compat
+
+    torch._dynamo.reset()
+    ref = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 1))
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 1))
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 8)
+    opts = {"lower": "eager"}
+    loss = torch.compile(m, backend="unsloth", options=opts)(x).sum()
+    before = len(backend.COMPILED_AUTOGRAD_GRAPHS)
+    with _compat.enable_compiled_autograd(torch.compile(backend="unsloth", options=opts)):
+        loss.backward()
+    assert len(backend.COMPILED_AUTOGRAD_GRAPHS) == before + 1
+    ref(x).sum().backward()
+    for a, b in zip(m.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
 @graph_pass(name="tag_matmuls", stage="joint")
 def tag_matmuls(gm, ctx):
     """Example user pass: annotate every matmul (idempotent)."""

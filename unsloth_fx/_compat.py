@@ -155,3 +155,78 @@ def is_fake(t: Any) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
 
     return isinstance(t, FakeTensor)
+
+
+# --- memory model (issue 3) -------------------------------------------------
+
+
+def default_partition(gm: torch.fx.GraphModule, joint_inputs: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """torch's default partitioner: saves every forward value backward needs, recomputes nothing."""
+    from torch._functorch.partitioners import default_partition as _dp
+
+    return _dp(gm, joint_inputs, **kwargs)
+
+
+def node_storage(node: torch.fx.Node) -> int | None:
+    """Identity of the storage behind a node's ``meta["val"]`` (views share it), as the partitioner uses."""
+    from torch._inductor.fx_utils import get_node_storage
+
+    try:
+        return get_node_storage(node)
+    except Exception:  # fake tensors without storage (sparse, nested): treat as its own storage
+        return None
+
+
+def fwd_bwd_outputs(joint: torch.fx.GraphModule, num_fwd_outputs: int) -> tuple[list[Any], list[Any]]:
+    """The joint graph's forward outputs and backward outputs (gradients)."""
+    from torch._functorch.partitioners import _extract_fwd_bwd_outputs
+
+    out = _extract_fwd_bwd_outputs(joint, num_fwd_outputs=num_fwd_outputs)
+    return list(out[0]), list(out[1])
+
+
+def aot_trace_joint(fn: Callable[..., Any], args: list[Any]) -> tuple[torch.fx.GraphModule, int]:
+    """Trace ``fn(*args) -> loss`` with AOTAutograd and return (joint graph, num_fwd_outputs)
+    without partitioning or compiling anything. ``args`` may be fake tensors."""
+    from torch._functorch.aot_autograd import aot_function
+
+    class _Captured(Exception):
+        pass
+
+    got: dict[str, Any] = {}
+
+    def capture(joint: torch.fx.GraphModule, _inputs: Any, *, num_fwd_outputs: int, **_kw: Any):
+        got["joint"], got["n"] = joint, num_fwd_outputs
+        raise _Captured
+
+    f = aot_function(fn, fw_compiler=lambda g, _i: g, partition_fn=capture)
+    with no_autograd_cache():
+        try:
+            f(*args)
+        except _Captured:
+            pass
+    if "joint" not in got:
+        raise RuntimeError("AOTAutograd did not produce a joint graph (does the function need gradients?)")
+    return got["joint"], got["n"]
+
+
+def symint_hint(x: Any) -> tuple[int | None, Any]:
+    """(size hint or None when unbacked, sympy expression) of a SymInt; ints pass through."""
+    if isinstance(x, int):
+        return x, x
+    node = getattr(x, "node", None)
+    expr = getattr(node, "expr", None)
+    hint = getattr(node, "hint", None)
+    if hint is None and node is not None:
+        try:
+            hint = node.shape_env.size_hint(expr, allow_none=True)
+        except Exception:
+            hint = None
+    return (int(hint) if hint is not None else None), expr
+
+
+def enable_compiled_autograd(compiler: Callable[..., Any]) -> Any:
+    """Context manager: run ``.backward()`` through compiled autograd with ``compiler``."""
+    from torch._dynamo import compiled_autograd
+
+    return compiled_autograd._enable(compiler)

@@ -34,8 +34,10 @@ from unsloth_fx.pipeline import Pipeline, run_stage
 
 _graph_ids = itertools.count()
 
-# The last compile's context, for tests and for `unsloth_fx.last_compile()`.
+# The last compile's context (PassContext, joint/forward/backward graphs, dump dir), for tests and tools.
 LAST: dict[str, Any] = {}
+# Graphs lowered without training passes because compiled autograd handed them over.
+COMPILED_AUTOGRAD_GRAPHS: list[torch.fx.GraphModule] = []
 
 _SEG_RE = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)|\[(\d+)\]|\['([^']+)'\]")
 
@@ -103,6 +105,7 @@ def unsloth(gm: torch.fx.GraphModule, example_inputs: list[Any], *, options: dic
 
     if _compat.is_compiled_autograd_graph(gm):
         # Compiled autograd's backward graph: lower it, nothing to plan.
+        COMPILED_AUTOGRAD_GRAPHS.append(gm)
         if opts.lower == "eager":
             return gm.forward
         from torch._inductor import compile as inductor_compile
