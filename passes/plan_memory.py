@@ -1,13 +1,57 @@
-"""Seed pass `plan_memory`: registered, analyse-only until its issue lands."""
+"""Pass `plan_memory`: predict the training step's memory and plan it to ``memory_budget``.
+
+Without a budget it only reports the predicted peak (modified=False). With one it
+runs the scheduler (unsloth_fx.memory.schedule), which tags forward nodes
+``meta["recompute"] = MUST_RECOMPUTE / MUST_SAVE`` and ``ufx(node).decision``,
+so the min-cut partitioner carries the plan out; a budget above the predicted
+peak changes nothing. The plan object is left in ``ctx.shared["memory_plan"]``
+for chunk_recompute, and the schedule files in ``ctx.artifacts``.
+"""
 
 from __future__ import annotations
 
+import torch
 import torch.fx
 
+from unsloth_fx.memory import model as M
+from unsloth_fx.memory import report, schedule
+from unsloth_fx.options import format_bytes
 from unsloth_fx.pass_base import PassContext, PassResult, graph_pass
 
 
-@graph_pass(name="plan_memory", stage="joint")
-def plan_memory(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Not implemented yet: leaves the graph unchanged and says so."""
-    return PassResult(gm, False, {"status": "not yet active"})
+def _device_total(ctx: PassContext) -> int | None:
+    if ctx.device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(ctx.device).total_memory
+    return None
+
+
+@graph_pass(name="plan_memory", stage="joint", options={"optimizer": "adamw", "keep_outputs": False})
+def plan_memory(gm: torch.fx.GraphModule, ctx: PassContext, optimizer: str = "adamw",
+                keep_outputs: bool = False) -> PassResult:
+    """Predict the step's memory timeline; with a memory_budget, choose save/recompute per activation."""
+    budget = ctx.options.resolve_budget(_device_total(ctx))
+    nfwd = ctx.num_fwd_outputs or 1
+    static = M.static_from_graph(gm, optimizer, bool(getattr(ctx.options, "fuse_optimizer", False)), ctx.params)
+    already = any(n.meta.get("ufx") is not None and n.meta["ufx"].decision for n in gm.graph.nodes)
+    plan = schedule.plan(gm, nfwd, static, budget)
+    ctx.shared["memory_plan"] = plan
+    tl = plan.timeline
+    summary = plan.summary()
+    lines = [f"predicted peak {format_bytes(tl.peak)} ({tl.peak_phase}, at {tl.peak_node})",
+             f"static: parameters {format_bytes(static.parameters + static.buffers)}, gradients "
+             f"{format_bytes(static.gradients)}, optimizer state {format_bytes(static.optimizer_state)}",
+             f"saved activations {format_bytes(tl.saved_bytes)}"]
+    if budget is not None:
+        lines.insert(0, f"budget {format_bytes(budget)}: {'feasible' if plan.feasible else 'infeasible'}")
+    ctx.artifacts.update(report.artifacts(tl, budget=budget, feasible=plan.feasible, decisions=plan.decisions,
+                                          summary=summary, title=f"graph {ctx.graph_id} memory schedule",
+                                          summary_lines=lines))
+    stats = {
+        "predicted_peak": tl.peak, "predicted_peak_h": format_bytes(tl.peak), "baseline_peak": plan.baseline.peak,
+        "saved_bytes": tl.saved_bytes, "budget": budget, "feasible": plan.feasible,
+        "recompute": sum(1 for d in plan.decisions.values() if d == "recompute"),
+        "overhead_s": plan.overhead_s, "warnings": plan.warnings,
+    }
+    if already and not plan.modified:
+        stats["note"] = "plan already applied"
+    return PassResult(gm, plan.modified, stats)
