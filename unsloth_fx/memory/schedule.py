@@ -101,7 +101,8 @@ def node_seconds(node: torch.fx.Node, dev: DeviceModel) -> float:
     out = val[0] if isinstance(val, (tuple, list)) and val else val
     if isinstance(out, torch.Tensor) and shapes:
         if name.startswith(("mm", "addmm", "bmm", "baddbmm", "_grouped_mm")):
-            k = shapes[-1].shape[-2] if name != "addmm" else shapes[1].shape[-1]
+            a = shapes[1] if name.startswith(("addmm", "baddbmm")) and len(shapes) > 1 else shapes[0]
+            k = a.shape[-1] if a.dim() else 1
             flops = 2.0 * _hint(out.numel()) * _hint(k)
         elif "attention" in name:
             q, kk = shapes[0], shapes[1]

@@ -1,0 +1,241 @@
+"""``unsloth-fx``: plan a model's training-step memory on CPU, inspect a dump, benchmark (GPU).
+
+    unsloth-fx plan --model r1-distill-qwen-1.5b --seq 2048 --budget 12GiB [--batch 1]
+                    [--optimizer adamw|adamw-bf16|hybrid|int8|int4] [--fuse-optimizer] [--json] [--out DIR]
+    unsloth-fx inspect DUMP_DIR
+    unsloth-fx bench        (not yet available: see benchmarks/)
+
+``plan`` traces on fake tensors (no GPU, no weights) and exits 0 when the step
+fits the budget, 3 when the budget is infeasible (the message gives the
+breakdown and the smallest feasible budget), 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import os
+import sys
+import time
+from typing import Any
+
+GPU_80GB = 80 * 10**9  # an "80 GB" card (H100/A100 80GB): 80e9 bytes as sold
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    import torch
+
+    from unsloth_fx.memory import report, whole
+    from unsloth_fx.memory.model import OPTIMIZER_STATE
+    from unsloth_fx.options import OptionError, format_bytes, parse_bytes
+
+    try:
+        budget = parse_bytes(a.budget) if a.budget else None
+    except OptionError as e:
+        _say(f"error: {e}")
+        return 2
+    if isinstance(budget, float):
+        _say(f"error: --budget {a.budget!r} is a fraction of device memory; the CLI has no device: give bytes, e.g. 7GiB")
+        return 2
+    dtype = getattr(torch, a.dtype)
+    t0 = time.perf_counter()
+    progress = None if a.quiet else _say
+    if progress:
+        progress(f"planning {a.model} batch={a.batch} seq={a.seq} ({a.dtype}, optimizer={a.optimizer}"
+                 f"{', fused into backward' if a.fuse_optimizer else ''}) on fake tensors")
+    try:
+        est = whole.estimate(a.model, batch=a.batch, seq=a.seq, dtype=dtype, optimizer=a.optimizer,
+                             fuse_optimizer=a.fuse_optimizer, budget=budget, full=a.full_trace, progress=progress)
+    except ValueError as e:
+        _say(f"error: {e}")
+        return 2
+    st = est.static
+    fits = budget is None or est.feasible_min <= budget
+    largest = None
+    if budget is not None and not a.no_seq_search:
+        if progress:
+            progress("searching the largest sequence length that fits (bisection over traced lengths)")
+        largest = whole.largest_seq(a.model, budget, batch=a.batch, dtype=dtype, optimizer=a.optimizer,
+                                    fuse_optimizer=a.fuse_optimizer, start=a.seq, progress=progress)
+    plan = est.plan
+    decisions: dict[str, int] = {}
+    if plan is not None:
+        for d in plan.decisions.values():
+            decisions[d] = decisions.get(d, 0) + 1
+    overhead = plan.overhead_s * est.scale if plan else 0.0
+    step_s = (plan.step_s if plan else 0.0) * est.scale
+    static_total = st.parameters + st.buffers + st.gradients + st.optimizer_state
+    gpu_short = max(est.feasible_min - GPU_80GB, 0)
+    doc: dict[str, Any] = {
+        "model": a.model, "batch": a.batch, "seq": a.seq, "dtype": a.dtype, "optimizer": a.optimizer,
+        "fuse_optimizer": a.fuse_optimizer, "budget": budget,
+        "static": {"parameters": st.parameters + st.buffers, "gradients": st.gradients,
+                   "optimizer_state": st.optimizer_state, "optimizer_step_temp": st.optimizer_temp,
+                   "inputs": st.inputs, "total": static_total},
+        "activation_peak": est.activations, "minimum_activations": est.min_activations,
+        "predicted_peak": est.base_peak, "smallest_feasible_budget": est.feasible_min,
+        "feasible": fits, "modified": bool(plan and plan.modified),
+        "decisions": decisions, "decisions_scope": "traced layers" if est.extrapolated else "whole model",
+        "estimated_overhead_s": overhead, "estimated_step_s": step_s,
+        "largest_seq_that_fits": largest, "extrapolated": est.extrapolated, "traced_layers": est.traced,
+        "unavailable": plan.unavailable if plan else {}, "warnings": est.warnings + (plan.warnings if plan else []),
+        "one_80GB_gpu": {"fits": gpu_short == 0, "short_by": gpu_short},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        lines = [f"{a.model} batch={a.batch} seq={a.seq}", f"predicted peak {format_bytes(est.base_peak)}",
+                 f"smallest feasible budget {format_bytes(est.feasible_min)}"]
+        files = report.artifacts(est.timeline, budget=budget, feasible=fits, decisions=plan.decisions if plan else {},
+                                 summary=doc, title=f"{a.model} memory schedule ("
+                                 + ("traced layers only" if est.extrapolated else "whole model") + ")",
+                                 summary_lines=lines)
+        for name, payload in files.items():
+            with open(os.path.join(a.out, name), "wb" if isinstance(payload, bytes) else "w") as f:
+                f.write(payload)
+        doc["files"] = sorted(os.path.join(a.out, n) for n in files)
+    if a.json:
+        print(json.dumps(doc, indent=2, default=str))
+    else:
+        fb = format_bytes
+        print(f"{a.model}: batch {a.batch} x seq {a.seq}, {a.dtype}, optimizer {a.optimizer}"
+              + (" (fused into backward)" if a.fuse_optimizer else ""))
+        print(f"  parameters        {fb(st.parameters + st.buffers)}")
+        print(f"  gradients         {fb(st.gradients)}")
+        print(f"  optimizer state   {fb(st.optimizer_state)} (+ {fb(st.optimizer_temp)} temporaries in step())")
+        print(f"  static total      {fb(static_total)}")
+        print(f"  activation peak   {fb(est.activations)} (minimum with recompute: {fb(est.min_activations)})"
+              + ("  [extrapolated from traced layers " + str(est.traced) + "]" if est.extrapolated else ""))
+        print(f"  predicted peak    {fb(est.base_peak)}; smallest feasible budget {fb(est.feasible_min)}")
+        if budget is not None:
+            if not fits:
+                print(f"  budget {fb(budget)}: INFEASIBLE: parameters {fb(st.parameters + st.buffers)} + gradients "
+                      f"{fb(st.gradients)} + optimizer state {fb(st.optimizer_state)} + "
+                      + (f"optimizer-step temporaries {fb(st.optimizer_temp)}" if est.optimizer_peak >= est.min_peak
+                         else f"minimum activations {fb(est.feasible_min - st.resident - st.gradients)}")
+                      + f" = {fb(est.feasible_min)}; smallest "
+                      f"feasible budget {fb(est.feasible_min)}")
+            elif plan is None:
+                print(f"  budget {fb(budget)}: fits without changes")
+            else:
+                print(f"  budget {fb(budget)}: fits; decisions ({doc['decisions_scope']}): "
+                      + ", ".join(f"{k} {v}" for k, v in sorted(decisions.items())))
+                print(f"  estimated overhead {overhead * 1e3:.1f} ms per step (recompute) over ~{step_s * 1e3:.1f} ms")
+            print(f"  largest seq that fits: {largest if largest else 'none'}")
+            if plan:
+                print("  unavailable decisions: " + "; ".join(f"{k} ({v})" for k, v in plan.unavailable.items()))
+        if gpu_short:
+            print(f"  one 80 GB GPU cannot hold this step: it needs at least {fb(est.feasible_min)} "
+                  f"({est.feasible_min / 1e9:.0f} GB), {fb(gpu_short)} ({gpu_short / 1e9:.0f} GB) more than 80 GB; "
+                  f"the parameters alone are {fb(st.parameters)} ({st.parameters / 1e9:.0f} GB)")
+        for w in doc["warnings"]:
+            print(f"  warning: {w}")
+        if a.out:
+            print(f"  wrote {', '.join(doc['files'])}")
+    if budget is not None and not fits:
+        if a.json:
+            return 3
+        _say(f"error: memory_budget={format_bytes(budget)} is infeasible for {a.model}; smallest feasible budget "
+             f"{format_bytes(est.feasible_min)}")
+        return 3
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    root = a.dump
+    if not os.path.isdir(root):
+        _say(f"error: {root!r} is not a dump directory")
+        return 2
+    graphs = sorted(d for d in os.listdir(root) if d.startswith("graph_") and os.path.isdir(os.path.join(root, d)))
+    if not graphs and os.path.exists(os.path.join(root, "pipeline.txt")):
+        graphs, root = [os.path.basename(root)], os.path.dirname(root) or "."
+    if not graphs:
+        _say(f"error: no graph_* folders in {root!r}")
+        return 2
+    rows = []
+    for g in graphs:
+        d = os.path.join(root, g)
+        files = sorted(os.listdir(d))
+        pipeline = open(os.path.join(d, "pipeline.txt")).read().splitlines() if "pipeline.txt" in files else []
+        stats = json.load(open(os.path.join(d, "pass_stats.json"))) if "pass_stats.json" in files else {}
+        sched = None
+        if "memory_schedule.json" in files:
+            sj = json.load(open(os.path.join(d, "memory_schedule.json")))
+            sched = {k: sj.get(k) for k in ("predicted_peak", "budget", "feasible", "saved_bytes")}
+        rows.append({"graph": g, "pipeline": pipeline[0] if pipeline else "", "passes": [p for p in pipeline[2:] if p],
+                     "stats": stats, "schedule": sched, "files": files})
+        print(f"{g}: pipeline {rows[-1]['pipeline']!r}, {len(files)} files")
+        for stage, passes in stats.items():
+            for name, st in passes.items():
+                keep = {k: v for k, v in st.items() if not isinstance(v, (dict, list))}
+                print(f"  {stage}:{name} " + ", ".join(f"{k}={v}" for k, v in keep.items()))
+        if sched:
+            print(f"  memory: {sched}")
+    body = []
+    for r in rows:
+        body.append(f"<h2>{html.escape(r['graph'])}</h2><p>pipeline <code>{html.escape(r['pipeline'])}</code></p>"
+                    "<table border=1 cellpadding=3><tr><th>stage:pass</th><th>stats</th></tr>")
+        for stage, passes in r["stats"].items():
+            for name, st in passes.items():
+                body.append(f"<tr><td>{html.escape(stage)}:{html.escape(name)}</td>"
+                            f"<td><code>{html.escape(json.dumps(st, default=str))}</code></td></tr>")
+        body.append("</table>")
+        if "memory_schedule.html" in r["files"]:
+            body.append(f"<p><a href='{html.escape(r['graph'])}/memory_schedule.html'>memory schedule</a></p>")
+        body.append("<p>files: " + ", ".join(f"<a href='{html.escape(r['graph'])}/{html.escape(f)}'>{html.escape(f)}</a>"
+                                              for f in r["files"]) + "</p>")
+    out = os.path.join(root, "report.html")
+    with open(out, "w") as f:
+        f.write("<!DOCTYPE html><html><head><meta charset='utf-8'><title>unsloth-fx dump</title></head><body>"
+                + "".join(body) + "</body></html>\n")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    print("not yet available: see benchmarks/")
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from unsloth_fx.memory.model import OPTIMIZER_STATE
+
+    ap = argparse.ArgumentParser(prog="unsloth-fx", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("plan", help="predict and plan a training step's memory on CPU (fake tensors)")
+    p.add_argument("--model", required=True, help="a zoo name, e.g. r1-distill-qwen-1.5b or deepseek-r1")
+    p.add_argument("--seq", type=int, required=True, help="sequence length (tokens)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--budget", default=None, help="device memory budget, e.g. 7GiB or 12e9")
+    p.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZER_STATE))
+    p.add_argument("--fuse-optimizer", action="store_true", help="optimizer update inside backward (no gradient buffers)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--full-trace", action="store_true", help="trace every layer instead of extrapolating")
+    p.add_argument("--no-seq-search", action="store_true", help="skip the largest-sequence search")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", default=None, help="write memory_schedule.{json,html,png} here")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(fn=cmd_plan)
+    i = sub.add_parser("inspect", help="summarize a dump folder and write report.html")
+    i.add_argument("dump")
+    i.set_defaults(fn=cmd_inspect)
+    b = sub.add_parser("bench", help="GPU benchmarks")
+    b.set_defaults(fn=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "plan" and (args.seq <= 0 or args.batch <= 0):
+        _say("error: --seq and --batch must be positive")
+        return 2
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
