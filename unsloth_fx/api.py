@@ -1,0 +1,346 @@
+"""``apply_optimizations``: the seed's one-call API over the ``unsloth`` backend.
+
+    model, optimizer = unsloth_fx.apply_optimizations(model, target_vram="7GiB", lr=1e-5,
+                                                      seq_len=2048, batch_size=1)
+
+builds the optimizer, checks the budget *before* anything trains, and returns
+``torch.compile(model, backend="unsloth", options={"memory_budget": target_vram, ...})``.
+
+The early check (:func:`check_budget`):
+
+* always, exactly: parameters + gradients + optimizer state (+ the optimizer's
+  step temporaries) must fit; no activation can make that smaller;
+* when ``seq_len`` is given and the model is a transformers causal LM: the
+  planner (unsloth_fx.memory) traces the step on fake tensors (meta copies, no
+  weights touched) and computes the smallest budget with every activation
+  recomputed; models with more than 3 layers are traced at 1 and 2 layers and
+  extrapolated (activation memory is linear in the layer count).
+
+An infeasible target raises :class:`unsloth_fx.memory.schedule.InfeasibleBudget`
+with the planner's breakdown and the smallest feasible budget. Without
+``seq_len`` only the static check runs here, and the activation part is checked
+by the ``plan_memory`` pass on the first step (the same error, raised from the
+first forward).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from unsloth_fx.options import Options, format_bytes, parse_bytes
+
+__all__ = ["apply_optimizations", "build_optimizer", "check_budget", "feature_status", "BudgetCheck"]
+
+OPTIMIZERS = ("hybrid_adam", "adamw")
+
+# What each piece of the end-to-end path needs, and whether it is there. A feature
+# whose owner has not landed it yet is reported as "not available yet", never faked.
+
+
+def _fuse_optimizer_available() -> bool:
+    """True once passes/fuse_optimizer.py does more than report (the seed stub says "not yet active")."""
+    try:
+        import unsloth_fx.passes.fuse_optimizer as fo
+    except ImportError:
+        return False
+    try:
+        src = open(fo.__file__).read()
+    except OSError:  # pragma: no cover
+        return False
+    return "not yet active" not in src
+
+
+def feature_status() -> dict[str, str]:
+    """{feature: "available" | "not available yet"} for the pieces apply_optimizations uses."""
+    out: dict[str, str] = {}
+
+    def probe(name: str, fn: Callable[[], bool]) -> None:
+        try:
+            out[name] = "available" if fn() else "not available yet"
+        except Exception:  # a half-landed module must not break training
+            out[name] = "not available yet"
+
+    probe("memory_planner", lambda: __import__("unsloth_fx.memory.schedule", fromlist=["plan"]).plan is not None)
+    probe("chunked_lm_head_ce", lambda: hasattr(
+        __import__("unsloth_fx.runtime.linear_cross_entropy", fromlist=["patch_causal_lm"]), "patch_causal_lm"))
+    probe("chunked_mlp", lambda: hasattr(
+        __import__("unsloth_fx.passes.split_token_chunks", fromlist=["split_token_chunks"]), "split_token_chunks"))
+    probe("fuse_optimizer", _fuse_optimizer_available)
+    probe("hybrid_adam", lambda: hasattr(__import__("unsloth_fx.optim", fromlist=["HybridAdamW"]), "HybridAdamW"))
+    return out
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def build_optimizer(model: torch.nn.Module, optimizer: str | torch.optim.Optimizer = "hybrid_adam", lr: float = 1e-5,
+                    **optimizer_options: Any) -> torch.optim.Optimizer:
+    """``"hybrid_adam"``: :class:`unsloth_fx.optim.HybridAdamW` over ``model.named_parameters()``
+    (names let it keep embeddings / LM head / norms in fp32 moments); ``"adamw"``: ``torch.optim.AdamW``
+    (fused on CUDA). An ``Optimizer`` instance is returned as is."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no parameter with requires_grad=True: nothing to optimize")
+    if optimizer == "hybrid_adam":
+        from unsloth_fx.optim import HybridAdamW
+
+        return HybridAdamW(params, lr=lr, **optimizer_options)
+    if optimizer == "adamw":
+        cuda = all(p.is_cuda for _, p in params)
+        optimizer_options.setdefault("fused", True if cuda else None)
+        return torch.optim.AdamW([p for _, p in params], lr=lr, **optimizer_options)
+    raise ValueError(f"optimizer={optimizer!r}: expected one of {', '.join(repr(o) for o in OPTIMIZERS)} "
+                     "or a torch.optim.Optimizer instance")
+
+
+def planner_optimizer_key(model: torch.nn.Module, optimizer: str | torch.optim.Optimizer) -> str:
+    """The planner's name (unsloth_fx.memory.model.OPTIMIZER_STATE) for the optimizer's state bytes."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = "hybrid_adam" if type(optimizer).__name__ == "HybridAdamW" else "adamw"
+    if optimizer == "hybrid_adam":
+        return "hybrid"
+    low = any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters() if p.requires_grad)
+    return "adamw-bf16" if low else "adamw"
+
+
+# ----------------------------------------------------------------------------- the early check
+
+
+@dataclass
+class BudgetCheck:
+    """What :func:`check_budget` found. All sizes in bytes."""
+
+    budget: int | None
+    parameters: int
+    gradients: int
+    optimizer_state: int
+    optimizer_temp: int
+    static_peak: int  # parameters + gradients + optimizer state + step temporaries
+    smallest_feasible: int | None = None  # with activations (None: not traced)
+    predicted_peak: int | None = None  # with every activation saved (None: not traced)
+    traced_layers: list[int] = field(default_factory=list)
+    extrapolated: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def feasible(self) -> bool:
+        if self.budget is None:
+            return True
+        need = self.smallest_feasible if self.smallest_feasible is not None else self.static_peak
+        return need <= self.budget
+
+    def summary(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("budget", "parameters", "gradients", "optimizer_state", "optimizer_temp",
+                                               "static_peak", "smallest_feasible", "predicted_peak", "traced_layers",
+                                               "extrapolated", "notes")} | {"feasible": self.feasible}
+
+
+def _rows(model: torch.nn.Module) -> list[tuple[int, torch.dtype, bool, bool]]:
+    rows = [(p.numel(), p.dtype, p.requires_grad, False) for p in model.parameters()]
+    return rows + [(b.numel(), b.dtype, False, True) for b in model.buffers()]
+
+
+def _is_hf_causal_lm(model: torch.nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PreTrainedModel) and hasattr(model, "get_output_embeddings")
+
+
+def _layers(config: Any) -> tuple[int, int]:
+    L = int(config.num_hidden_layers)
+    k = getattr(config, "first_k_dense_replace", None)
+    if getattr(config, "n_routed_experts", None) and k is not None:
+        return min(int(k), L), L - min(int(k), L)
+    return L, 0
+
+
+def _meta_copy(model: torch.nn.Module, dense: int, moe: int) -> torch.nn.Module:
+    cfg = copy.deepcopy(model.config)
+    cfg.num_hidden_layers = dense + moe
+    if moe:
+        cfg.first_k_dense_replace = dense
+    if hasattr(cfg, "layer_types") and isinstance(cfg.layer_types, list):
+        cfg.layer_types = cfg.layer_types[: dense + moe]
+    cfg.use_cache = False
+    with torch.device("meta"):
+        m = type(model)(cfg)
+    # the trained dtypes (e.g. bf16 weights), and the same frozen parameters (LoRA-style)
+    src = dict(model.named_parameters())
+    for n, p in m.named_parameters():
+        ref = src.get(n)
+        if ref is not None:
+            p.data = p.data.to(ref.dtype)
+            p.requires_grad_(ref.requires_grad)
+        else:
+            p.data = p.data.to(next(iter(src.values())).dtype)
+    return m
+
+
+def _activation_floor(model: torch.nn.Module, counts: tuple[int, int], batch: int, seq: int, optimizer: str,
+                      fuse: bool) -> tuple[int, int]:
+    """(bytes above resident at the step's peak with every activation saved, ... with the minimum plan)."""
+    from unsloth_fx.memory import model as M
+    from unsloth_fx.memory import schedule as S
+    from unsloth_fx.memory.trace import trace_model
+
+    m = _meta_copy(model, *counts)
+    tr = trace_model(m, batch, seq, dtype=None)
+    st = M.static_breakdown([(r[1], r[2], r[3], r[4]) for r in tr.params], optimizer, fuse)
+    st.inputs = M.inputs_bytes(tr.joint)
+    base = M.predict(tr.joint, tr.num_fwd_outputs, st)
+    _, mn = S.minimum_plan(tr.joint, tr.num_fwd_outputs, st, S.DeviceModel())
+    return base.peak - st.resident, mn.peak - st.resident
+
+
+def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | torch.optim.Optimizer = "hybrid_adam",
+                 fuse_optimizer: bool = False, seq_len: int | None = None, batch_size: int = 1,
+                 device_total: int | None = None) -> BudgetCheck:
+    """Check ``target_vram`` before training; raises ``InfeasibleBudget`` when the step cannot fit.
+
+    ``target_vram``: bytes, ``"7GiB"``, a fraction of ``device_total`` or None (no check).
+    ``seq_len`` / ``batch_size``: the training shape (tokens per row, rows); without
+    ``seq_len`` only parameters + gradients + optimizer state are checked here.
+    """
+    from unsloth_fx.memory import model as M
+    from unsloth_fx.memory.schedule import InfeasibleBudget
+
+    budget = parse_bytes(target_vram)
+    if isinstance(budget, float):
+        if device_total is None:
+            raise ValueError(f"target_vram={target_vram!r} is a fraction of device memory, but the device's memory "
+                             "is unknown here (CPU or meta); give bytes, e.g. '7GiB'")
+        budget = int(budget * device_total)
+    key = planner_optimizer_key(model, optimizer)
+    st = M.static_breakdown(_rows(model), key, fuse_optimizer)
+    static_peak = st.parameters + st.buffers + st.gradients + st.optimizer_state + st.optimizer_temp
+    chk = BudgetCheck(budget, st.parameters + st.buffers, st.gradients, st.optimizer_state, st.optimizer_temp,
+                      static_peak)
+    text = (f"parameters {format_bytes(chk.parameters)} + gradients {format_bytes(st.gradients)} + optimizer state "
+            f"{format_bytes(st.optimizer_state)} ({key}) + optimizer step temporaries {format_bytes(st.optimizer_temp)}")
+    if budget is not None and static_peak > budget:
+        smallest = int(math.ceil(static_peak / 2**20) * 2**20)
+        hint = "" if fuse_optimizer else "; fusing the optimizer into backward (fuse_optimizer) would drop the gradients"
+        raise InfeasibleBudget(
+            f"target_vram={format_bytes(budget)} is infeasible before any activation: {text} = "
+            f"{format_bytes(static_peak)}; smallest feasible budget at least {format_bytes(smallest)}{hint}",
+            smallest_feasible=smallest,
+            breakdown={"parameters": chk.parameters, "gradients": st.gradients, "optimizer_state": st.optimizer_state,
+                       "optimizer_temp": st.optimizer_temp})
+    if seq_len is None:
+        chk.notes.append("activations not checked before training (no seq_len): plan_memory checks them on the "
+                         "first step")
+        return chk
+    config = getattr(model, "config", None)
+    if not _is_hf_causal_lm(model) or not hasattr(config, "num_hidden_layers"):
+        chk.notes.append("activations not checked before training (not a transformers causal LM)")
+        return chk
+    dense, moe = _layers(config)
+    L = dense + moe
+    if L <= 3:
+        act, act_min = _activation_floor(model, (dense, moe), batch_size, seq_len, key, fuse_optimizer)
+        chk.traced_layers = [L]
+    elif moe:
+        A = _activation_floor(model, (1, 1), batch_size, seq_len, key, fuse_optimizer)
+        B = _activation_floor(model, (1, 2), batch_size, seq_len, key, fuse_optimizer)
+        C = _activation_floor(model, (2, 1), batch_size, seq_len, key, fuse_optimizer) if dense > 1 else A
+        act, act_min = (A[i] + (dense - 1) * (C[i] - A[i]) + (moe - 1) * (B[i] - A[i]) for i in (0, 1))
+        chk.traced_layers, chk.extrapolated = [2, 3], True
+    else:
+        A = _activation_floor(model, (1, 0), batch_size, seq_len, key, fuse_optimizer)
+        B = _activation_floor(model, (2, 0), batch_size, seq_len, key, fuse_optimizer)
+        act, act_min = (A[i] + (L - 1) * (B[i] - A[i]) for i in (0, 1))
+        chk.traced_layers, chk.extrapolated = [1, 2], True
+    resident = st.parameters + st.buffers + st.optimizer_state
+    opt_peak = resident + st.gradients + st.optimizer_temp
+    chk.predicted_peak = max(resident + act, opt_peak)
+    chk.smallest_feasible = int(math.ceil(max(resident + min(act, act_min), opt_peak) / 2**20) * 2**20)
+    if budget is not None and chk.smallest_feasible > budget:
+        acts = max(chk.smallest_feasible - resident - st.gradients, 0)
+        raise InfeasibleBudget(
+            f"target_vram={format_bytes(budget)} is infeasible for batch {batch_size} x seq {seq_len}: {text} + "
+            f"minimum activations {format_bytes(acts)}"
+            + (f" (extrapolated from {chk.traced_layers} traced layers)" if chk.extrapolated else "")
+            + f"; smallest feasible budget {format_bytes(chk.smallest_feasible)}",
+            smallest_feasible=chk.smallest_feasible,
+            breakdown={"parameters": chk.parameters, "gradients": st.gradients, "optimizer_state": st.optimizer_state,
+                       "minimum_activations": acts})
+    return chk
+
+
+# ----------------------------------------------------------------------------- the one call
+
+
+def _device_total(model: torch.nn.Module) -> int | None:
+    p = next(model.parameters(), None)
+    if p is not None and p.is_cuda:
+        return torch.cuda.get_device_properties(p.device).total_memory
+    return None
+
+
+def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optimizer: str = "hybrid_adam",
+                        lr: float = 1e-5, *, seq_len: int | None = None, batch_size: int = 1,
+                        fuse_optimizer: bool | None = None, chunk_lm_head: bool = True, chunks: int = 8,
+                        optimizer_options: dict[str, Any] | None = None, dynamic: bool | None = None,
+                        check: bool = True, **options: Any) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """Compile ``model`` for training within ``target_vram`` and build its optimizer.
+
+    Returns ``(compiled_model, optimizer)``; ``compiled_model.ufx_report`` holds the
+    early check (:class:`BudgetCheck` summary), the backend options used and
+    :func:`feature_status`.
+
+    * ``target_vram``: bytes, ``"7GiB"``, a fraction of the card's memory, or None (no budget).
+    * ``optimizer``: ``"hybrid_adam"`` (HybridAdamW) or ``"adamw"`` (torch AdamW); ``lr`` its learning rate;
+      ``optimizer_options`` go to its constructor.
+    * ``seq_len``, ``batch_size``: the training shape, for the before-training activation check.
+    * ``fuse_optimizer``: run the update inside backward; None = on when the pass is available
+      (when it is not, True raises, so a user who asked for it knows it is not there).
+    * ``chunk_lm_head``: patch a transformers ``*ForCausalLM`` to drop logits in training
+      (``patch_causal_lm``) and add the chunked LM-head cross-entropy and MLP passes
+      (``chunks`` token chunks each).
+    * other ``options``: backend options (``lower``, ``dump``, ``share_weights``, ``pipeline``, ``verify``, ...).
+    """
+    features = feature_status()
+    if fuse_optimizer is None:
+        fuse_optimizer = features["fuse_optimizer"] == "available"
+    elif fuse_optimizer and features["fuse_optimizer"] != "available":
+        raise NotImplementedError("fuse_optimizer=True: the fuse_optimizer pass is not available yet "
+                                  "(passes/fuse_optimizer.py is still the seed stub); pass fuse_optimizer=False")
+    opt = build_optimizer(model, optimizer, lr, **(optimizer_options or {}))
+    chk = None
+    if check:
+        chk = check_budget(model, target_vram, optimizer=optimizer, fuse_optimizer=bool(fuse_optimizer),
+                           seq_len=seq_len, batch_size=batch_size, device_total=_device_total(model))
+    key = planner_optimizer_key(model, optimizer)
+    pipeline = options.pop("pipeline", None)
+    if pipeline is None:
+        pipeline = f"default,plan_memory{{optimizer={key}}}"
+        if chunk_lm_head and _is_hf_causal_lm(model):
+            if features["chunked_mlp"] == "available":
+                pipeline += f",+split_token_chunks{{chunks={chunks}}}"
+            if features["chunked_lm_head_ce"] == "available":
+                from unsloth_fx.runtime.linear_cross_entropy import patch_causal_lm
+
+                patch_causal_lm(model)
+                pipeline += f",+fuse_linear_cross_entropy{{chunks={chunks}}}"
+    backend_options = {"memory_budget": target_vram, "fuse_optimizer": bool(fuse_optimizer), "pipeline": pipeline,
+                       **options}
+    Options.from_user(backend_options)  # bad options fail here, not on the first step
+    compiled = torch.compile(model, backend="unsloth", options=backend_options, dynamic=dynamic)
+    compiled.ufx_report = {"check": chk.summary() if chk else None, "options": backend_options,
+                           "features": features, "optimizer": type(opt).__name__}
+    return compiled, opt
+
+
+def env_options() -> dict[str, str]:
+    """The ``UNSLOTH_FX_*`` variables set now (how backend options reach a compile we do not call)."""
+    return {k: v for k, v in os.environ.items() if k.startswith("UNSLOTH_FX_")}
