@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from unsloth_fx.sharing.report import Candidate, SeedPair, ShareReport
 
-_LAYER_RE = re.compile(r"(^|\.)(layers|h|blocks)\.(\d+)\.")
+_LAYER_RE = re.compile(r"(^|\.)(layers|layer|h|blocks)\.(\d+)\.")
 PERM_BYTES = 4  # permutation indices are stored as int32
 SIGN_BYTES = 1  # signs are stored as int8
 
@@ -168,17 +168,20 @@ class _Probes:
         return self._cache[key]
 
 
-def _sketch_units(units: list[Unit], probes: _Probes) -> None:
+def _sketch_units(units: list[Unit], probes: _Probes, cache: dict | None = None) -> None:
     k = probes.k
+    cache = {} if cache is None else cache  # an FFN's gate/up blocks are also single-matrix units
     for u in units:
         if u.on_meta or u.sketch is not None:
             continue
         sk = []
         for b in u.blocks:
-            omega, _ = probes.get(b.shape[1], b.device)
-            y = (b.float() @ omega).view(b.shape[0], probes.K + 1, k)  # rows x (K+1) x k
-            s = torch.einsum("rki,rkj->kij", y, y).reshape(probes.K + 1, k * k)
-            sk.append(s.cpu().double())
+            key = (b.device, b.data_ptr(), tuple(b.shape), b.stride())
+            if key not in cache:
+                omega, _ = probes.get(b.shape[1], b.device)
+                y = (b.float() @ omega).view(b.shape[0], probes.K + 1, k)  # rows x (K+1) x k
+                cache[key] = torch.einsum("rki,rkj->kij", y, y).reshape(probes.K + 1, k * k).cpu().double()
+            sk.append(cache[key])
         u.sketch = torch.stack(sk)  # (nblocks, K+1, k*k)
         u.rownorm = [b.float().norm(dim=1).sort().values.cpu().double() for b in u.blocks]
 
@@ -452,11 +455,12 @@ def find_shared_tensors(
         groups.setdefault((u.role, u.kind, tuple(map(tuple, u.shapes)), u.blocks[0].dtype), []).append(u)
     groups = {k: v for k, v in groups.items() if len(v) >= 2}
     probes = _Probes(sketch_dim, null_samples, seed)
+    sketch_cache: dict = {}
     pending: list[tuple[Candidate, Unit, Unit]] = []
     for (role, kind, shapes, dtype), group in groups.items():
         meta = any(u.on_meta for u in group)
         if not meta:
-            _sketch_units(group, probes)
+            _sketch_units(group, probes, sketch_cache)
             sc = _pair_scores(group)
         for i in range(len(group)):
             for j in range(i + 1, len(group)):
