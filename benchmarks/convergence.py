@@ -205,31 +205,63 @@ def main(argv=None):
             results.append(r)
             print(f"{v:7s} seed {seed}: val {r['final_val']:.4f}  train {r['final_train']:.4f}  "
                   f"{r['tokens_per_s']:,.0f} tok/s  {r['seconds']:.1f} s", flush=True)
-    print(f"\nmodel: {results[0]['params'] / 1e6:.1f}M parameters; {args.steps} steps x "
-          f"{args.batch} x {args.seq} tokens; seeds {seeds}")
-    print("| variant | final val loss (mean) | min | max | state B/param | tokens/s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    return write_summary(results, variants, vars(args), args.out_dir, device)
+
+
+def write_summary(results, variants, args_dict, out_dir, device):
+    """Print the table, write convergence.json and convergence.png into ``out_dir``."""
+    seeds = sorted({r["seed"] for r in results})
+    print(f"\nmodel: {results[0]['params'] / 1e6:.1f}M parameters; {args_dict['steps']} steps x "
+          f"{args_dict['batch']} x {args_dict['seq']} tokens; seeds {seeds}")
+    print("| variant | seeds | final val loss (mean) | min | max | state B/param | tokens/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     summary = {}
     for v in variants:
         rs = [r for r in results if r["variant"] == v]
+        if not rs:
+            continue
         vals = [r["final_val"] for r in rs]
-        summary[v] = {"mean": statistics.mean(vals), "min": min(vals), "max": max(vals),
+        summary[v] = {"mean": statistics.mean(vals), "min": min(vals), "max": max(vals), "seeds": len(rs),
                       "state_bytes_per_param": rs[0]["state_bytes_per_param"],
                       "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in rs)}
         m = summary[v]
-        print(f"| {v} | {m['mean']:.4f} | {m['min']:.4f} | {m['max']:.4f} | "
+        print(f"| {v} | {m['seeds']} | {m['mean']:.4f} | {m['min']:.4f} | {m['max']:.4f} | "
               f"{m['state_bytes_per_param']:.3f} | {m['tokens_per_s']:,.0f} |")
-    out = {"args": vars(args), "torch": torch.__version__, "device": str(device),
-           "card": torch.cuda.get_device_name() if device.type == "cuda" else None,
+    out = {"args": args_dict, "torch": torch.__version__, "device": str(device),
+           "card": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
            "summary": summary, "runs": results}
-    jpath = os.path.join(args.out_dir, "convergence.json")
+    os.makedirs(out_dir, exist_ok=True)
+    jpath = os.path.join(out_dir, "convergence.json")
     with open(jpath, "w") as f:
         json.dump(out, f, indent=1)
-    png = os.path.join(args.out_dir, "convergence.png")
+    png = os.path.join(out_dir, "convergence.png")
     wrote = plot(results, png)
     print(f"wrote {jpath}" + (f" and {png}" if wrote else ""))
     return out
 
 
+def merge(dirs, out_dir):
+    """Combine the convergence.json of several runs (e.g. one process per variant and seed)."""
+    runs, args_dict = [], None
+    for d in dirs:
+        path = os.path.join(d, "convergence.json")
+        if not os.path.exists(path):
+            print(f"missing: {path} (that run did not finish)")
+            continue
+        with open(path) as f:
+            data = json.load(f)
+        runs.extend(data["runs"])
+        args_dict = args_dict or data["args"]
+    if not runs:
+        raise SystemExit("no finished runs to merge")
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in runs)]
+    return write_summary(runs, variants, args_dict, out_dir, "cuda" if torch.cuda.is_available() else "cpu")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if len(sys.argv) > 2 and sys.argv[1] == "--merge":
+        merge(sys.argv[2:-1], sys.argv[-1])  # --merge DIR... OUT_DIR
+    else:
+        main()
