@@ -1,0 +1,84 @@
+"""`unsloth-fx` CLI: plan (output, files, errors, exit codes), inspect, bench placeholder."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from unsloth_fx.cli import main
+
+
+def test_plan_prints_the_breakdown_and_writes_the_schedule_files(tmp_path, capsys):
+    rc = main(["plan", "--model", "tiny-qwen2", "--seq", "128", "--budget", "1GiB", "--no-seq-search",
+               "--out", str(tmp_path), "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    for line in ("parameters", "gradients", "optimizer state", "activation peak", "predicted peak",
+                 "budget 1.00 GiB: fits without changes"):
+        assert line in out, out
+    doc = json.loads((tmp_path / "memory_schedule.json").read_text())
+    assert doc["schema"] == "unsloth_fx.memory_schedule/1" and doc["events"]
+    assert "<svg" in (tmp_path / "memory_schedule.html").read_text()
+    assert (tmp_path / "memory_schedule.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_plan_json_and_infeasible_budget_exit_code(capsys):
+    rc = main(["plan", "--model", "tiny-qwen2", "--seq", "64", "--budget", "1MiB", "--json", "--quiet",
+               "--no-seq-search"])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 3 and doc["feasible"] is False
+    assert doc["smallest_feasible_budget"] > 2**20
+    st = doc["static"]
+    assert st["total"] == st["parameters"] + st["gradients"] + st["optimizer_state"]
+    rc = main(["plan", "--model", "tiny-qwen2", "--seq", "64", "--budget", "1MiB", "--quiet", "--no-seq-search"])
+    cap = capsys.readouterr()
+    assert rc == 3 and "INFEASIBLE" in cap.out and "smallest feasible budget" in cap.err
+
+
+def test_plan_rejects_bad_arguments(capsys):
+    assert main(["plan", "--model", "tiny-qwen2", "--seq", "64", "--budget", "7XB"]) == 2
+    assert "unknown unit" in capsys.readouterr().err
+    assert main(["plan", "--model", "tiny-qwen2", "--seq", "64", "--budget", "0.5"]) == 2
+    assert "fraction" in capsys.readouterr().err
+    assert main(["plan", "--model", "no-such-model", "--seq", "64"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_plan_finds_the_largest_sequence_that_fits(capsys):
+    rc = main(["plan", "--model", "tiny-llama", "--seq", "256", "--budget", "24MiB", "--json", "--quiet"])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    s = doc["largest_seq_that_fits"]
+    assert s is not None and s >= 256 and s % 256 == 0
+    # one granule longer does not fit
+    rc = main(["plan", "--model", "tiny-llama", "--seq", str(s + 256), "--budget", "24MiB", "--json", "--quiet",
+               "--no-seq-search"])
+    assert json.loads(capsys.readouterr().out)["smallest_feasible_budget"] > 24 * 2**20
+
+
+def test_deepseek_r1_says_what_one_80gb_gpu_cannot_hold():
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    out = subprocess.run([sys.executable, "-m", "unsloth_fx.cli", "plan", "--model", "deepseek-r1", "--seq", "1024",
+                          "--budget", "80GB", "--no-seq-search"], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert "one 80 GB GPU cannot hold this step" in out.stdout
+    assert "the parameters alone are 1249.88 GiB" in out.stdout  # 671B bf16 parameters
+    assert "traced 1 dense + 1 MoE layer(s)" in out.stderr  # progress, extrapolated from traced layers
+
+
+def test_inspect_summarizes_a_dump_and_bench_is_a_placeholder(tmp_path, capsys):
+    torch._dynamo.reset()
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
+    f = torch.compile(m, backend="unsloth", options={"lower": "eager", "dump": str(tmp_path)})
+    f(torch.randn(4, 8)).sum().backward()
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "joint:plan_memory" in out and "memory:" in out
+    assert "<table" in (tmp_path / "report.html").read_text()
+    assert main(["inspect", str(tmp_path / "nothing")]) == 2
+    assert main(["bench"]) == 2
+    assert "not yet available: see benchmarks/" in capsys.readouterr().out
