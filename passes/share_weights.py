@@ -20,6 +20,8 @@ import sys
 import torch
 import torch.fx
 
+from unsloth_fx import _compat
+
 from unsloth_fx.pass_base import PassContext, PassResult, graph_pass
 from unsloth_fx.sharing.apply import SHARED_ATTR
 
@@ -50,21 +52,6 @@ def _named_tensors(ctx: PassContext) -> tuple[dict[str, torch.Tensor], bool]:
     return named, real
 
 
-def _no_fake_mode():
-    """Leave the fake mode the joint stage runs under, so detection computes on real tensors.
-
-    Private torch API (``torch._subclasses.fake_tensor.unset_fake_temporarily``, present in
-    torch 2.11-2.14). It belongs in ``unsloth_fx/_compat.py``; kept here until it moves there.
-    """
-    try:
-        from torch._subclasses.fake_tensor import unset_fake_temporarily
-    except ImportError:  # pragma: no cover
-        import contextlib
-
-        return contextlib.nullcontext()
-    return unset_fake_temporarily()
-
-
 def _already_shared(ctx: PassContext) -> list[str]:
     return [info.name for info in ctx.params.values()
             if "._ufx_" in info.name or getattr(info.tensor, SHARED_ATTR, False)]
@@ -88,7 +75,7 @@ def share_weights(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     key = f"share_weights.report(tolerance={ctx.options.share_tolerance})"
     report = ctx.shared.get(key)
     if report is None:  # idempotent: a second run reuses the first report
-        with _no_fake_mode(), torch.no_grad():
+        with _compat.unset_fake_mode(), torch.no_grad():
             named, _ = _named_tensors(ctx)
             named = {n: t for n, t in named.items() if "._ufx_" not in n}
             report = find_shared_tensors(named, tolerance=ctx.options.share_tolerance, already_shared=shared)

@@ -230,3 +230,19 @@ def enable_compiled_autograd(compiler: Callable[..., Any]) -> Any:
     from torch._dynamo import compiled_autograd
 
     return compiled_autograd._enable(compiler)
+
+
+# --- fuse_optimizer (issue 6) ------------------------------------------------
+
+
+def tag_must_be_in_backward(node: torch.fx.Node) -> None:
+    """Tell the min-cut partitioner a (mutating) joint-graph node belongs to backward;
+    untagged mutating ops are forced into the forward graph (``_must_be_in_forward``)."""
+    node.meta["partitioner_tag"] = "must_be_in_backward"
+
+
+def unset_fake_mode() -> Any:
+    """Context manager: leave the ambient fake mode (the joint stage runs under one) to compute on real tensors."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    return unset_fake_temporarily()
