@@ -97,6 +97,27 @@ def reference_step_state(tier: str, param: Tensor, grad: Tensor, state: dict, *,
         raise ValueError(f"unknown tier {tier!r}; expected one of {TIERS}")
 
 
+def _local(t: Tensor) -> Tensor:
+    """The calling rank's shard of a DTensor (a view: in-place updates reach the
+    parameter), or ``t`` itself.  FSDP2 parameters and their gradients are DTensors."""
+    return t.to_local() if hasattr(t, "device_mesh") and hasattr(t, "to_local") else t
+
+
+def _all_ranks_flag(flag: Tensor, p: Tensor) -> Tensor:
+    """Max of a 0-d flag over the ranks holding shards of DTensor ``p``: a shard
+    whose gradient is non-finite must make *every* shard skip, or the ranks'
+    copies of the step counter (and the weight) drift apart."""
+    if not hasattr(p, "device_mesh"):
+        return flag
+    import torch.distributed as dist
+
+    mesh = p.device_mesh
+    groups = mesh.get_all_groups() if mesh.ndim > 1 else [mesh.get_group()]
+    for grp in groups:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=grp)
+    return flag
+
+
 def _as_tensor(x, device) -> Tensor:
     if isinstance(x, Tensor):
         return x.detach().to(device=device, dtype=torch.float32).reshape(())
@@ -187,8 +208,9 @@ class HybridAdamW(torch.optim.Optimizer):
         return sp
 
     def _init_state(self, g: dict, p: Tensor, name: str | None, index: int) -> dict:
-        tier = self._tier_for(g, p, name)
-        st = init_state(tier, p, hybrid_bits=g["hybrid_bits"], hybrid_cap=g["hybrid_cap"])
+        tier = self._tier_for(g, p, name)  # from the global shape: same tier on every rank
+        # DTensor (FSDP2): state is per local shard, so quantization blocks never straddle shards
+        st = init_state(tier, _local(p), hybrid_bits=g["hybrid_bits"], hybrid_cap=g["hybrid_cap"])
         st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         st["nonfinite_skips"] = torch.zeros((), dtype=torch.float32, device=p.device)
         st["tier"] = tier
@@ -226,11 +248,14 @@ class HybridAdamW(torch.optim.Optimizer):
         return loss
 
     def _step_param(self, g: dict, p: Tensor, grad: Tensor, st: dict) -> None:
+        sharded = p
+        p, grad = _local(p), _local(grad)
         dev = p.device
         h = [x if x.device == dev else x.to(dev) for x in (g["lr"], *g["betas"], g["eps"], g["weight_decay"])]
         found_inf = None
         if g["check_finite"]:
             found_inf = torch.logical_not(torch.isfinite(grad).all()).to(torch.float32)
+            found_inf = _all_ranks_flag(found_inf, sharded)
             st["nonfinite_skips"].add_(found_inf)
             st["step"].add_(1.0 - found_inf)
         else:
@@ -239,6 +264,8 @@ class HybridAdamW(torch.optim.Optimizer):
                   found_inf=found_inf, seed=st["seed"], stochastic_rounding=g["stochastic_rounding"],
                   hybrid_bits=st.get("hybrid_bits", 4))
         tier = st["tier"]
+        if p.numel() == 0:  # an FSDP2 rank may hold an empty shard (dim 0 < world size)
+            return
         run = reference_step_state if self._implementation == "reference" else _k.adamw_step_state
         if tier == "hybrid" and st["gate_clock"] == 0:
             # First step: gate *before* anything is quantized.  The error the kernel
@@ -283,7 +310,7 @@ class HybridAdamW(torch.optim.Optimizer):
 
     def state_bytes_per_param(self) -> float:
         """Moment-state bytes per parameter element, over parameters with state."""
-        n = sum(p.numel() for p in self.state.keys())
+        n = sum(_local(p).numel() for p in self.state.keys())
         return self.state_bytes() / n if n else 0.0
 
     def nonfinite_skips(self) -> int:
@@ -294,7 +321,7 @@ class HybridAdamW(torch.optim.Optimizer):
         """{tier: number of parameter elements}, plus "hybrid_fp32_blocks"."""
         out: dict = {}
         for p, st in self.state.items():
-            out[st["tier"]] = out.get(st["tier"], 0) + p.numel()
+            out[st["tier"]] = out.get(st["tier"], 0) + _local(p).numel()
             if st["tier"] == "hybrid":
                 out["hybrid_fp32_blocks"] = out.get("hybrid_fp32_blocks", 0) + int((st["slot"] >= 0).sum())
                 out["hybrid_blocks"] = out.get("hybrid_blocks", 0) + st["slot"].numel()
