@@ -1,13 +1,183 @@
-"""Seed pass `fuse_optimizer`: registered, analyse-only until its issue lands."""
+"""Pass `fuse_optimizer`: run each parameter's optimizer update inside backward.
+
+Joint stage, after the memory passes. With ``fuse_optimizer=True`` and the
+graph's parameters held by a ``HybridAdamW`` (bound with
+``unsloth_fx.fusion.attach`` or found by a scan), for every trainable
+parameter primal ``W`` with gradient ``dW`` the pass inserts::
+
+    torch.ops.unsloth_fx.fused_adamw_step_(W, dW, "<fqn>", <slot>)
+
+and replaces ``dW`` in the joint graph's outputs with ``None``: the backward
+graph returns no gradient for ``W``, autograd accumulates nothing and
+``W.grad`` stays ``None`` (AOTAutograd already returns ``None`` for inputs
+without gradients, so the runtime wrapper and autograd accept it).
+
+Placement. The update must come after ``dW`` is final and after the last
+backward read of ``W``'s old value. The partitioner may recompute forward
+values in backward (views such as ``t(W)``, pointwise ops, anything tagged
+for recompute), and a recomputed value reads ``W`` where it is recomputed,
+so the pass treats every forward node that depends on ``W`` (transitively)
+as a read of ``W``: the update goes after the last backward node that
+consumes any of them. The op mutates ``W`` (``mutates_args``), so the
+partitioner keeps it in backward (impure nodes survive dead-code
+elimination) and saves ``W`` for backward (free: it is a parameter).
+
+Deterministic (graph order; ties by primal index) and idempotent (a primal
+whose gradient output is already ``None`` is left alone).
+"""
 
 from __future__ import annotations
 
+import warnings
+
+import torch
 import torch.fx
 
-from unsloth_fx.pass_base import PassContext, PassResult, graph_pass
+from unsloth_fx import _compat
+from unsloth_fx.pass_base import PassContext, PassResult, graph_pass, ufx
+
+OP_NAME = "unsloth_fx.fused_adamw_step_"
+
+
+def _op():
+    import unsloth_fx.fusion  # noqa: F401  (registers torch.ops.unsloth_fx.fused_adamw_step_)
+
+    return torch.ops.unsloth_fx.fused_adamw_step_.default
+
+
+def _last_reads(graph: torch.fx.Graph, primals: list[torch.fx.Node]) -> tuple[dict[torch.fx.Node, int], dict[int, int]]:
+    """(position of each node, {primal index: position of the last backward node that reads
+    a forward value depending on that primal}). Backward = depends on a ``tangents_*`` input."""
+    pos: dict[torch.fx.Node, int] = {}
+    dep: dict[torch.fx.Node, int] = {}  # forward node -> bitmask of primals it depends on
+    bw: set[torch.fx.Node] = set()
+    bit = {n: i for i, n in enumerate(primals)}
+    bw_reads: list[tuple[int, int]] = []  # (position, mask of primals read through forward values)
+    for k, n in enumerate(graph.nodes):
+        pos[n] = k
+        if n.op == "placeholder":
+            if n.name.startswith("tangents"):
+                bw.add(n)
+            elif n in bit:
+                dep[n] = 1 << bit[n]
+            continue
+        if n.op == "output":
+            break
+        ins = n.all_input_nodes
+        if any(a in bw for a in ins):
+            bw.add(n)
+            mask = 0
+            for a in ins:
+                mask |= dep.get(a, 0)
+            if mask:
+                bw_reads.append((k, mask))
+        else:
+            mask = 0
+            for a in ins:
+                mask |= dep.get(a, 0)
+            if mask:
+                dep[n] = mask
+    last: dict[int, int] = {}
+    remaining = (1 << len(primals)) - 1
+    for k, mask in reversed(bw_reads):  # each primal is assigned once, by its last reader
+        m = mask & remaining
+        while m:
+            low = m & -m
+            last[low.bit_length() - 1] = k
+            m ^= low
+        remaining &= ~mask
+        if not remaining:
+            break
+    return pos, last
 
 
 @graph_pass(name="fuse_optimizer", stage="joint")
 def fuse_optimizer(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Not implemented yet: leaves the graph unchanged and says so."""
-    return PassResult(gm, False, {"status": "not yet active"})
+    """Insert the in-backward optimizer update for each trainable parameter and drop its gradient output."""
+    if not ctx.options.fuse_optimizer:
+        return PassResult(gm, False, {"status": "off (fuse_optimizer=False)"})
+    from unsloth_fx import fusion
+
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    primals = [n for n in placeholders if n.name.startswith("primals")]
+    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    outs = list(out.args[0])
+    nfwd = ctx.num_fwd_outputs or 0
+    grads = outs[nfwd:]
+    if len(grads) != len(primals):
+        raise RuntimeError(f"joint graph has {len(primals)} primals but {len(grads)} gradient outputs")
+
+    op = _op()
+    already = {n.args[0] for n in graph.nodes if n.op == "call_function" and n.target is op}
+    candidates, skipped = [], {}
+    for i, info in sorted(ctx.params.items()):
+        if info.is_buffer or not info.requires_grad or i >= len(primals):
+            continue
+        if info.tensor is None:
+            skipped[info.name] = "no real tensor (fake/meta tracing)"
+            continue
+        if primals[i] in already or grads[i] is None:
+            continue
+        b = fusion.binding_for(info.tensor)
+        if b is None:
+            skipped[info.name] = "no HybridAdamW holds it"
+            continue
+        candidates.append((i, info, b))
+    stats: dict = {"fused": 0, "kept_grads": len(skipped)}
+    if skipped:
+        stats["skipped"] = skipped
+        warnings.warn(f"fuse_optimizer: {len(skipped)} parameter(s) keep their gradients: "
+                      + ", ".join(f"{k} ({v})" for k, v in list(skipped.items())[:4]), stacklevel=2)
+    if not candidates:
+        return PassResult(gm, False, stats)
+
+    pos, last = _last_reads(graph, primals)
+    order = list(graph.nodes)
+    after: dict[int, list[int]] = {}
+    for i, info, b in candidates:
+        g = grads[i]
+        at = max(pos[g], last.get(i, -1))
+        after.setdefault(at, []).append(i)
+    by_index = {i: (info, b) for i, info, b in candidates}
+    for at in sorted(after):
+        anchor = order[at]
+        for i in sorted(after[at], reverse=True):  # inserting_after reverses: keep primal order
+            info, b = by_index[i]
+            with graph.inserting_after(anchor):
+                node = graph.call_function(op, (primals[i], grads[i], info.name, fusion.slot_for(info.tensor, b)))
+            node.meta["val"] = None
+            _compat.tag_must_be_in_backward(node)
+            rec = ufx(node)
+            rec.param = info.name
+            rec.notes["fused_update"] = True
+            if b.accumulation_steps > 1:
+                rec.notes["accumulation_steps"] = b.accumulation_steps
+            outs[nfwd + i] = None
+            stats["fused"] += 1
+    out.args = (tuple(outs),)
+    graph.lint()
+    gm.recompile()
+    accum = {b.accumulation_steps for _, _, b in candidates}
+    if max(accum) > 1:
+        stats["accumulation"] = (f"{max(accum)} micro-batches: gradients kept in param.grad for the first "
+                                 f"{max(accum) - 1}, update fused into the last backward")
+    stats["clip"] = sorted({str(b.clip) for _, _, b in candidates})
+    return PassResult(gm, True, stats)
+
+
+def update_order_violations(gm: torch.fx.GraphModule) -> list[str]:
+    """For a backward (or joint) graph: every ``fused_adamw_step_`` whose parameter,
+    or a view of it (same storage), is read after the update. Empty when placement is right."""
+    op = _op()
+    nodes = list(gm.graph.nodes)
+    bad = []
+    for k, n in enumerate(nodes):
+        if n.op != "call_function" or n.target is not op:
+            continue
+        store = _compat.node_storage(n.args[0])
+        aliases = {m for m in nodes if m is n.args[0] or (store is not None and _compat.node_storage(m) == store)}
+        for m in nodes[k + 1:]:
+            if any(a in aliases for a in m.all_input_nodes):
+                bad.append(f"{m.name} reads {n.args[2]} after its update {n.name}")
+    return bad

@@ -285,6 +285,33 @@ class HybridAdamW(torch.optim.Optimizer):
                 st["last_gate"] = hybrid_regate_(st, bits=st["hybrid_bits"],
                                                  promote=g["gate_promote"], demote=g["gate_demote"])
 
+    @torch.no_grad()
+    def step_param(self, p: Tensor, grad: Tensor) -> None:
+        """Update one parameter now with ``grad``, exactly as :meth:`step` would
+        (same state set-up, seed, step count, gate); ``p.grad`` is not read.
+        The fused backward (``unsloth_fx.fusion``) calls this for each parameter
+        as soon as its gradient is final; ``step()`` then skips it (grad None)."""
+        if grad.is_sparse:
+            raise RuntimeError(
+                "HybridAdamW does not support sparse gradients (got one for a parameter of "
+                f"shape {tuple(p.shape)}); use torch.optim.SparseAdam for it, or "
+                "nn.Embedding(sparse=False)")
+        where = getattr(self, "_param_where", {}).get(id(p))
+        if (where is None or not any(where[0] is g for g in self.param_groups)
+                or where[0]["params"][where[1]] is not p):
+            # (group, position, 1-based index over all groups: the seed key step() uses)
+            self._param_where = {id(q): (g, i, k) for k, (g, i, q) in enumerate(
+                ((g, i, q) for g in self.param_groups for i, q in enumerate(g["params"])), start=1)}
+            where = self._param_where.get(id(p))
+            if where is None:
+                raise KeyError(f"parameter of shape {tuple(p.shape)} is not in this optimizer")
+        g, i, index = where
+        st = self.state[p]
+        if not st:
+            names = g.get("param_names")
+            st.update(self._init_state(g, p, names[i] if names else None, index))
+        self._step_param(g, p, grad, st)
+
     # -- state dict: byte-exact (torch's default would cast state to the param dtype)
     def load_state_dict(self, state_dict: dict) -> None:
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
