@@ -33,7 +33,14 @@ def plan_memory(gm: torch.fx.GraphModule, ctx: PassContext, optimizer: str = "ad
     nfwd = ctx.num_fwd_outputs or 1
     static = M.static_from_graph(gm, optimizer, bool(getattr(ctx.options, "fuse_optimizer", False)), ctx.params)
     already = any(n.meta.get("ufx") is not None and n.meta["ufx"].decision for n in gm.graph.nodes)
-    plan = schedule.plan(gm, nfwd, static, budget)
+    try:
+        plan = schedule.plan(gm, nfwd, static, budget)
+    except schedule.InfeasibleBudget:
+        raise
+    except Exception as e:  # the prediction must never break a compile that asked for no budget
+        if budget is not None:
+            raise
+        return PassResult(gm, False, {"status": f"prediction failed: {type(e).__name__}: {str(e)[:200]}"})
     ctx.shared["memory_plan"] = plan
     tl = plan.timeline
     summary = plan.summary()
