@@ -44,16 +44,12 @@ OPTIMIZERS = ("hybrid_adam", "adamw")
 
 
 def _fuse_optimizer_available() -> bool:
-    """True once passes/fuse_optimizer.py does more than report (the seed stub says "not yet active")."""
+    """True once the in-backward update exists: ``unsloth_fx.fusion.attach`` (the fuse_optimizer pass's runtime)."""
     try:
-        import unsloth_fx.passes.fuse_optimizer as fo
+        import unsloth_fx.fusion as fusion
     except ImportError:
         return False
-    try:
-        src = open(fo.__file__).read()
-    except OSError:  # pragma: no cover
-        return False
-    return "not yet active" not in src
+    return callable(getattr(fusion, "attach", None))
 
 
 def feature_status() -> dict[str, str]:
@@ -290,7 +286,7 @@ def _device_total(model: torch.nn.Module) -> int | None:
 def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optimizer: str = "hybrid_adam",
                         lr: float = 1e-5, *, seq_len: int | None = None, batch_size: int = 1,
                         fuse_optimizer: bool | None = None, chunk_lm_head: bool = True, chunks: int = 8,
-                        optimizer_options: dict[str, Any] | None = None, dynamic: bool | None = None,
+                        grad_accum: int = 1, optimizer_options: dict[str, Any] | None = None, dynamic: bool | None = None,
                         check: bool = True, **options: Any) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """Compile ``model`` for training within ``target_vram`` and build its optimizer.
 
@@ -302,20 +298,28 @@ def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optim
     * ``optimizer``: ``"hybrid_adam"`` (HybridAdamW) or ``"adamw"`` (torch AdamW); ``lr`` its learning rate;
       ``optimizer_options`` go to its constructor.
     * ``seq_len``, ``batch_size``: the training shape, for the before-training activation check.
-    * ``fuse_optimizer``: run the update inside backward; None = on when the pass is available
-      (when it is not, True raises, so a user who asked for it knows it is not there).
+    * ``fuse_optimizer``: run the update inside backward (HybridAdamW only; ``unsloth_fx.fusion.attach``
+      binds it with ``grad_accum`` micro-batches per step); None = on when available and the optimizer is
+      HybridAdamW. True when it is not available raises, so a user who asked for it knows.
     * ``chunk_lm_head``: patch a transformers ``*ForCausalLM`` to drop logits in training
       (``patch_causal_lm``) and add the chunked LM-head cross-entropy and MLP passes
       (``chunks`` token chunks each).
     * other ``options``: backend options (``lower``, ``dump``, ``share_weights``, ``pipeline``, ``verify``, ...).
     """
     features = feature_status()
-    if fuse_optimizer is None:
-        fuse_optimizer = features["fuse_optimizer"] == "available"
-    elif fuse_optimizer and features["fuse_optimizer"] != "available":
-        raise NotImplementedError("fuse_optimizer=True: the fuse_optimizer pass is not available yet "
-                                  "(passes/fuse_optimizer.py is still the seed stub); pass fuse_optimizer=False")
     opt = build_optimizer(model, optimizer, lr, **(optimizer_options or {}))
+    hybrid = type(opt).__name__ == "HybridAdamW"
+    if fuse_optimizer is None:
+        fuse_optimizer = features["fuse_optimizer"] == "available" and hybrid
+    elif fuse_optimizer and features["fuse_optimizer"] != "available":
+        raise NotImplementedError("fuse_optimizer=True: the in-backward optimizer update is not available yet "
+                                  "(no unsloth_fx.fusion.attach); pass fuse_optimizer=False")
+    elif fuse_optimizer and not hybrid:
+        raise ValueError(f"fuse_optimizer=True needs optimizer='hybrid_adam' (HybridAdamW), got {type(opt).__name__}")
+    if fuse_optimizer:
+        from unsloth_fx.fusion import attach
+
+        attach(model, opt, accumulation_steps=grad_accum)
     chk = None
     if check:
         chk = check_budget(model, target_vram, optimizer=optimizer, fuse_optimizer=bool(fuse_optimizer),

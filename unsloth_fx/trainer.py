@@ -109,7 +109,9 @@ class Trainer:
     * ``train_loader``: re-iterable batches (see the module docstring); ``set_epoch(e)`` is called if present.
     * ``optimizer``: ``"hybrid_adam"`` | ``"adamw"`` | a ``torch.optim.Optimizer``; ``lr`` its learning rate.
     * ``max_epochs``, ``max_steps`` (optimizer steps; wins when both are given), ``grad_accum`` (micro-batches
-      per step), ``log_every`` (steps), ``max_grad_norm`` (None: no clipping).
+      per step), ``log_every`` (steps), ``max_grad_norm`` (None: no clipping). With the optimizer fused into
+      backward (``unsloth_fx.fusion``) the loop re-binds it with ``grad_accum`` and clips by the previous
+      step's global norm (``clip="prev_global_norm"``), since no step ever holds all gradients.
     * ``checkpoint_dir``, ``checkpoint_every`` (steps; default: at the end only), ``resume``.
     * ``autocast_dtype``: e.g. ``torch.bfloat16`` for fp32 weights + bf16 autocast ("AMP"); None: off.
     * ``progress``: a tqdm bar when tqdm is installed, else a printed line every ``log_every`` steps.
@@ -131,8 +133,10 @@ class Trainer:
         from unsloth_fx.api import build_optimizer
 
         self.raw_model = _unwrap(model)
+        self.grad_accum_arg, self.max_grad_norm_arg = grad_accum, max_grad_norm
         self.optimizer = build_optimizer(self.raw_model, optimizer, lr, **(optimizer_options or {}))
         self.lr = lr
+        self.fused = self._bind_fused_optimizer(compile_options)
         if compile_options is not None and model is self.raw_model:
             model = torch.compile(model, backend="unsloth", options=dict(compile_options))
         self.model = model
@@ -151,6 +155,21 @@ class Trainer:
             path = self.checkpoint_path()
             if os.path.exists(path):
                 self.load_checkpoint(path)
+
+    def _bind_fused_optimizer(self, compile_options: dict[str, Any] | None) -> bool:
+        """Re-bind an in-backward optimizer (unsloth_fx.fusion) with this loop's accumulation and clipping."""
+        try:
+            from unsloth_fx import fusion
+        except ImportError:
+            return False
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        asked = bool(compile_options and str(compile_options.get("fuse_optimizer", "")).lower() in ("true", "1", "on"))
+        bound = any(fusion.binding_for(p, scan=False) is not None for p in params)
+        if not (asked or bound):
+            return False
+        clip = {"clip": "prev_global_norm", "max_norm": self.max_grad_norm_arg} if self.max_grad_norm_arg else {}
+        fusion.attach(self.raw_model, self.optimizer, accumulation_steps=self.grad_accum_arg, **clip)
+        return True
 
     # -- checkpoints -----------------------------------------------------------
     def checkpoint_path(self) -> str:
@@ -226,7 +245,7 @@ class Trainer:
                 loss = self.model(**kw).loss
             (loss * (n / total)).backward()
             loss_sum += float(loss.detach()) * n
-        if self.max_grad_norm is not None:
+        if self.max_grad_norm is not None and not self.fused:  # fused: clipped in backward (previous step's norm)
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

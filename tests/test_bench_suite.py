@@ -1,0 +1,75 @@
+"""The benchmark suite's machinery (unsloth-fx bench --smoke): subprocess per variant, OOM / crash / missing
+peers recorded, JSON + markdown + PNG written, table printed last."""
+
+import json
+
+import pytest
+import torch
+
+from unsloth_fx import bench
+
+
+@pytest.mark.slow
+def test_smoke_suite_runs_variants_in_subprocesses_and_writes_everything(tmp_path, capsys):
+    rc = bench.main(["--smoke", "--variants", "eager-amp,peers-liger-adamw8bit,ufx-7GiB", "--out", str(tmp_path)])
+    assert rc == 0
+    doc = json.load(open(tmp_path / "bench.json"))
+    by = {r["variant"]: r for r in doc["results"]}
+    assert list(by) == ["eager-amp", "peers-liger-adamw8bit", "ufx-7GiB"]
+    for v in ("eager-amp", "ufx-7GiB"):
+        r = by[v]
+        assert r["status"] == "ok", r
+        assert len(r["losses"]) == 2 and r["loss"] == r["losses"][-1]
+        assert r["loss"] == pytest.approx(6.24, abs=0.3)  # ~ln(512): tiny-qwen2 at random init
+        assert r["tokens_per_s"] > 0 and r["peak_bytes"] is None  # no peak on CPU
+    assert by["ufx-7GiB"]["ufx"]["options"]["memory_budget"] == "64MiB"
+    assert by["ufx-7GiB"]["ufx"]["check"]["feasible"] is True
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is None:
+        assert by["peers-liger-adamw8bit"]["status"] == "not installed"
+    md = (tmp_path / "bench.md").read_text()
+    assert "| tiny-qwen2 | eager-amp | ok |" in md and "SMOKE" in md
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith(md.rstrip().splitlines()[-1])  # the table is printed last
+
+
+def test_worker_records_oom_and_crash_with_the_last_error_line(tmp_path, monkeypatch):
+    cfg = {"model": "tiny-qwen2", "variant": "eager-amp", "steps": 1, "seq": 8, "batch": 1, "lr": 1e-3,
+           "smoke": True, "result": str(tmp_path / "r.json")}
+    json.dump(cfg, open(tmp_path / "c.json", "w"))
+
+    def oom(_cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(bench, "run_variant", oom)
+    assert bench._worker(str(tmp_path / "c.json")) == 0
+    assert json.load(open(tmp_path / "r.json"))["status"] == "OOM"
+
+    def crash(_cfg):
+        raise RuntimeError("first line\nthe real reason")
+
+    monkeypatch.setattr(bench, "run_variant", crash)
+    bench._worker(str(tmp_path / "c.json"))
+    rec = json.load(open(tmp_path / "r.json"))
+    assert rec == {"status": "crash", "error": "RuntimeError: the real reason"}
+
+
+def test_bad_variant_and_gpu_requirement(capsys):
+    assert bench.main(["--variants", "nope"]) == 2
+    assert "unknown variant" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert bench.main(["--variants", "eager-amp"]) == 2
+        assert "needs CUDA" in capsys.readouterr().err
+
+
+def test_markdown_marks_failures():
+    doc = {"meta": {"device": "H100", "torch": "2.11", "transformers": "5.17", "date": "d", "batch": 1, "seq": 2048,
+                    "steps": 20, "lr": 1e-5, "smoke": False},
+           "results": [{"model": "m", "variant": "eager-amp", "status": "OOM", "error": "CUDA out of memory"},
+                       {"model": "m", "variant": "ufx-7GiB", "status": "ok", "peak_bytes": 7 * 2**30 - 2**29,
+                        "tokens_per_s": 25000.0, "compile_s": 61.0, "loss": 6.5}]}
+    md = bench.markdown(doc)
+    assert "| m | eager-amp | OOM: CUDA out of memory |" in md
+    assert "| m | ufx-7GiB | ok | 6.50 | 25,000 | 61.000 | 6.500 |" in md
