@@ -27,6 +27,9 @@ import time
 
 GiB = 2**30
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _lock import parallel_map, timed_section  # noqa: E402
+
 
 def run_cell(model: str, seq: int, budget: int | None, mode: str, device: str, lower: str, steps: int) -> dict:
     import torch
@@ -65,18 +68,19 @@ def run_cell(model: str, seq: int, budget: int | None, mode: str, device: str, l
         return loss
 
     try:
-        for _ in range(2):
+        step()  # compiles; may overlap another cell's timing (see benchmarks/_lock.py)
+        with timed_section():
             step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t = time.perf_counter()
-        for _ in range(steps):
-            step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-            out["measured_peak"] = torch.cuda.max_memory_allocated()
-        dt = time.perf_counter() - t
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            for _ in range(steps):
+                step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+                out["measured_peak"] = torch.cuda.max_memory_allocated()
+            dt = time.perf_counter() - t
         out["tokens_per_s"] = steps * seq / dt
     except ValueError as e:  # InfeasibleBudget from the plan (may arrive wrapped by Dynamo)
         out["infeasible"] = str(e).splitlines()[0][:400]
@@ -102,6 +106,10 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny-qwen2, eager lowering (no GPU numbers)")
     ap.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # internal: one JSON-encoded cell
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--seqs", default="1024,2048,4096")
+    ap.add_argument("--budgets", default="8,12,16", help="GiB, comma-separated")
+    ap.add_argument("--modes", default="stock,torch-budget,ours")
+    ap.add_argument("--jobs", type=int, default=1, help="cells compiling at once (timing stays serial)")
     a = ap.parse_args()
     if a.cell:
         c = json.loads(a.cell)
@@ -110,21 +118,28 @@ def main() -> int:
     if a.smoke:
         model, device, lower, seqs, budgets = "tiny-qwen2", "cpu", "eager", [128], [None, 8 * 2**20]
     else:
-        model, device, lower, seqs, budgets = "r1-distill-qwen-1.5b", "cuda", "inductor", [1024, 2048, 4096], [
-            8 * GiB, 12 * GiB, 16 * GiB]
+        model, device, lower = "r1-distill-qwen-1.5b", "cuda", "inductor"
+        seqs = [int(x) for x in a.seqs.split(",")]
+        budgets = [int(float(x) * GiB) for x in a.budgets.split(",")]
+    modes = a.modes.split(",")
     cells = []
     for seq in seqs:
         for mode in ("stock", "torch-budget"):
-            cells.append(dict(model=model, seq=seq, budget=None, mode=mode, device=device, lower=lower, steps=a.steps))
-        for b in budgets:
-            cells.append(dict(model=model, seq=seq, budget=b, mode="ours", device=device, lower=lower, steps=a.steps))
-    results = []
-    for c in cells:
+            if mode in modes:
+                cells.append(dict(model=model, seq=seq, budget=None, mode=mode, device=device, lower=lower, steps=a.steps))
+        if "ours" in modes:
+            for b in budgets:
+                cells.append(dict(model=model, seq=seq, budget=b, mode="ours", device=device, lower=lower, steps=a.steps))
+
+    def run(c):
         print(f"running {c['mode']} seq={c['seq']} budget={c['budget']}", file=sys.stderr, flush=True)
         p = subprocess.run([sys.executable, __file__, "--cell", json.dumps(c)], capture_output=True, text=True,
                            env={**os.environ}, timeout=3600)
         line = next((ln for ln in p.stdout.splitlines() if ln.startswith("CELL ")), None)
-        results.append(json.loads(line[5:]) if line else {**c, "error": p.stderr[-400:]})
+        print(f"done {c['mode']} seq={c['seq']} budget={c['budget']}", file=sys.stderr, flush=True)
+        return json.loads(line[5:]) if line else {**c, "error": p.stderr[-400:]}
+
+    results = parallel_map(run, cells, a.jobs)
     hdr = "| mode | seq | budget GiB | predicted GiB | measured GiB | error % | tokens/s | note |"
     print(hdr)
     print("|" + "---|" * 8)
