@@ -1,0 +1,114 @@
+"""unsloth_fx.api.apply_optimizations: optimizer + early budget check + unsloth compile."""
+
+import pytest
+import torch
+
+import unsloth_fx.backend as B
+from unsloth_fx.api import apply_optimizations, build_optimizer, check_budget, feature_status
+from unsloth_fx.memory.schedule import InfeasibleBudget
+from unsloth_fx.optim import HybridAdamW
+from unsloth_fx.zoo import build_model
+
+
+def _tiny(**kw):
+    torch.manual_seed(0)
+    return build_model("tiny-qwen2", device="cpu", **kw)
+
+
+def test_returns_a_compiled_model_planned_to_the_target_and_a_hybrid_optimizer():
+    model = _tiny()
+    compiled, opt = apply_optimizations(model, target_vram="64MiB", lr=3e-3, lower="eager", seq_len=64, batch_size=2,
+                                       optimizer_options={"implementation": "reference"})  # no Triton interpreter
+    assert isinstance(opt, HybridAdamW)
+    rep = compiled.ufx_report
+    assert rep["options"]["memory_budget"] == "64MiB"
+    assert "plan_memory{optimizer=hybrid}" in rep["options"]["pipeline"]
+    assert rep["check"]["feasible"] and rep["check"]["smallest_feasible"] <= 64 * 2**20
+    x = torch.randint(0, 512, (2, 64))
+    B.LAST.clear()
+    losses = []
+    for _ in range(4):
+        loss = compiled(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    stats = B.LAST["ctx"].stats
+    assert stats["joint"]["plan_memory"]["budget"] == 64 * 2**20 and stats["joint"]["plan_memory"]["feasible"]
+    assert stats["pre_grad"]["fuse_linear_cross_entropy"]["fused"] == 1  # no [tokens, vocab] logits
+    assert losses[-1] < losses[0] - 0.2, losses
+    if rep["features"]["fuse_optimizer"] == "available":
+        from unsloth_fx import fusion
+
+        assert rep["options"]["fuse_optimizer"] is True
+        assert all(p.grad is None for p in model.parameters())  # updated inside backward
+        assert any(fusion.is_fused(p) for p in model.parameters())
+
+
+def test_infeasible_target_fails_before_training_with_the_planners_breakdown():
+    model = _tiny()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    # parameters alone (550 KiB fp32) + optimizer state exceed 1 MiB: caught without tracing
+    with pytest.raises(InfeasibleBudget, match=r"target_vram=1.00 MiB is infeasible before any activation: "
+                                               r"parameters 550.50 KiB .*smallest feasible budget at least"):
+        apply_optimizations(model, target_vram="1MiB", fuse_optimizer=False, lower="eager")
+    # static bytes fit 1500 KiB; the traced activations at batch 2 x seq 64 do not
+    chk = check_budget(model, None, seq_len=64, batch_size=2, fuse_optimizer=False)
+    assert chk.static_peak < 1500 * 2**10 < chk.smallest_feasible
+    with pytest.raises(InfeasibleBudget, match=r"infeasible for batch 2 x seq 64: .* minimum activations .*"
+                                               r"smallest feasible budget") as e:
+        apply_optimizations(model, target_vram="1500KiB", seq_len=64, batch_size=2, fuse_optimizer=False,
+                            lower="eager")
+    assert e.value.smallest_feasible == chk.smallest_feasible
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # nothing ran
+    # the smallest feasible budget it names is accepted
+    check_budget(model, e.value.smallest_feasible, seq_len=64, batch_size=2, fuse_optimizer=False)
+
+
+def test_extrapolated_check_matches_a_full_trace_within_ten_percent():
+    model = _tiny(num_hidden_layers=4)
+    extrap = check_budget(model, None, seq_len=64, batch_size=1, fuse_optimizer=False)
+    assert extrap.extrapolated and extrap.traced_layers == [1, 2]
+    import unsloth_fx.api as api
+
+    full_act = api._activation_floor(model, (4, 0), 1, 64, "hybrid", False)
+    resident = extrap.parameters + extrap.optimizer_state
+    full_pred = max(resident + full_act[0], extrap.static_peak)
+    assert extrap.predicted_peak == pytest.approx(full_pred, rel=0.10)
+
+
+def test_optimizer_choice_and_bad_inputs():
+    model = _tiny()
+    assert type(build_optimizer(model, "adamw", 1e-3)) is torch.optim.AdamW
+    assert isinstance(build_optimizer(model, "hybrid_adam", 1e-3), HybridAdamW)
+    with pytest.raises(ValueError, match="optimizer='lion'"):
+        build_optimizer(model, "lion")
+    from unsloth_fx.options import OptionError
+
+    with pytest.raises(OptionError, match="lower"):
+        apply_optimizations(model, target_vram="64MiB", lower="tvm", check=False)
+    with pytest.raises(ValueError, match="fraction of device memory"):
+        check_budget(model, 0.5)
+    feats = feature_status()
+    assert set(feats) == {"memory_planner", "chunked_lm_head_ce", "chunked_mlp", "fuse_optimizer", "hybrid_adam"}
+    if feats["fuse_optimizer"] == "available":
+        with pytest.raises(ValueError, match="needs optimizer='hybrid_adam'"):
+            apply_optimizations(model, optimizer="adamw", fuse_optimizer=True, check=False)
+    else:
+        with pytest.raises(NotImplementedError, match="not available yet"):
+            apply_optimizations(model, fuse_optimizer=True, check=False)
+
+
+def test_example_train_r1_distill_cpu_mode(capsys):
+    import runpy
+    import sys
+
+    ns = runpy.run_path(str(__import__("pathlib").Path(__file__).parents[1] / "examples" / "train_r1_distill.py"))
+    argv = sys.argv
+    try:
+        rc = ns["main"](["--model", "tiny-qwen2", "--steps", "3", "--lr", "3e-3", "--target-vram", "64MiB"])
+    finally:
+        sys.argv = argv
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "trained 3 steps: loss 6." in out
