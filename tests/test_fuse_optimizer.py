@@ -38,7 +38,7 @@ def _batches(n, vocab, steps, seed=1):
 
 
 def _train(model, fused, batches, *, tier="fp32", impl="reference", accum=1, clip=None, max_norm=None,
-           sched=True, on_step=None, opt_kwargs=None):
+           sched=True, on_step=None, opt_kwargs=None, lower="eager"):
     """Train on ``batches`` (``accum`` micro-batches per step); unfused clipping mirrors ``clip``."""
     torch._dynamo.reset()
     opt = HybridAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.1, state_precision=tier,
@@ -46,7 +46,7 @@ def _train(model, fused, batches, *, tier="fp32", impl="reference", accum=1, cli
     if fused:
         fusion.attach(model, opt, clip=clip, max_norm=max_norm, accumulation_steps=accum)
     lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s)) if sched else None
-    c = torch.compile(model, backend="unsloth", options={**OPTS, "fuse_optimizer": fused})
+    c = torch.compile(model, backend="unsloth", options={**OPTS, "fuse_optimizer": fused, "lower": lower})
     prev_norm, norms = None, []
     for k, ids in enumerate(batches):
         c(input_ids=ids, labels=ids).loss.backward()
@@ -379,20 +379,12 @@ def test_load_state_dict_into_a_live_fused_optimizer_is_seen_by_the_graph():
 
 @pytest.mark.slow
 def test_inductor_lowering_runs_the_in_place_update():
+    # compare against unfused *Inductor* training: eager vs Inductor differ by fp32 reordering, which
+    # Adam turns into full-size steps wherever a gradient is ~0 (embedding rows of unseen tokens)
     batches = _batches(1, 512, 3)
     over = {"num_hidden_layers": 1}
     ref, ours = _model("tiny-llama", **over), _model("tiny-llama", **over)
-    _train(ref, False, batches)
-    torch._dynamo.reset()
-    opt = HybridAdamW(ours.named_parameters(), lr=1e-2, weight_decay=0.1, state_precision="fp32",
-                      implementation="reference")
-    fusion.attach(ours, opt)
-    lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
-    c = torch.compile(ours, backend="unsloth", options={"lower": "inductor", "pipeline": "fuse_optimizer",
-                                                       "fuse_optimizer": True})
-    for ids in batches:
-        c(input_ids=ids, labels=ids).loss.backward()
-        assert all(p.grad is None for p in ours.parameters())
-        opt.step()
-        lr.step()
-    _assert_params_equal(ref, ours, atol=1e-5, rtol=1e-4)  # Inductor's kernels reorder fp32 sums
+    _train(ref, False, batches, lower="inductor")
+    _train(ours, True, batches, lower="inductor")
+    assert len(_fused_ops(backend.LAST["backward"])) == len(list(ours.parameters()))
+    _assert_params_equal(ref, ours)
