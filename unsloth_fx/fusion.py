@@ -42,7 +42,7 @@ import gc
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -153,8 +153,11 @@ def binding_for(param: Tensor, *, scan: bool = True) -> Binding | None:
         return None
     from unsloth_fx.optim import HybridAdamW
 
-    for obj in gc.get_objects():
-        if isinstance(obj, HybridAdamW) and any(p is param for p in _params_of(obj)):
+    with warnings.catch_warnings():  # isinstance on every live object trips deprecated module attributes
+        warnings.simplefilter("ignore")
+        found = [o for o in gc.get_objects() if isinstance(o, HybridAdamW)]
+    for obj in found:
+        if any(p is param for p in _params_of(obj)):
             b = attach(None, obj)
             b.implicit = True
             return b
@@ -277,7 +280,3 @@ def _install_clip_guard() -> None:
         fn = getattr(mod, "clip_grad_norm_")
         if not getattr(fn, "_ufx_guard", False):
             setattr(mod, "clip_grad_norm_", _guarded(fn))
-
-
-def _iter_tensors(x: Iterable[Any]):
-    return (t for t in x if isinstance(t, Tensor))
