@@ -82,3 +82,25 @@ def test_inspect_summarizes_a_dump_and_bench_is_a_placeholder(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nothing")]) == 2
     assert main(["bench"]) == 2
     assert "not yet available: see benchmarks/" in capsys.readouterr().out
+
+
+def test_bench_subcommand_routes_to_the_suite_and_its_own_flags(capsys):
+    import pytest as _pytest
+
+    from unsloth_fx.cli import main as cli_main
+
+    with _pytest.raises(SystemExit) as e:
+        cli_main(["bench", "--help"])
+    assert e.value.code == 0
+    assert "usage: unsloth-fx bench" in capsys.readouterr().out
+
+
+def test_package_exports_the_seed_api_lazily():
+    import unsloth_fx
+
+    assert unsloth_fx.apply_optimizations.__module__ == "unsloth_fx.api"
+    assert unsloth_fx.Trainer.__module__ == "unsloth_fx.trainer"
+    import pytest as _pytest
+
+    with _pytest.raises(AttributeError, match="no attribute 'nope'"):
+        unsloth_fx.nope  # noqa: B018

@@ -3,7 +3,7 @@
     unsloth-fx plan --model r1-distill-qwen-1.5b --seq 2048 --budget 12GiB [--batch 1]
                     [--optimizer adamw|adamw-bf16|hybrid|int8|int4] [--fuse-optimizer] [--json] [--out DIR]
     unsloth-fx inspect DUMP_DIR
-    unsloth-fx bench        (not yet available: see benchmarks/)
+    unsloth-fx bench        the benchmark suite (GPU; --smoke runs on CPU)
 
 ``plan`` traces on fake tensors (no GPU, no weights) and exits 0 when the step
 fits the budget, 3 when the budget is infeasible (the message gives the
@@ -137,6 +137,11 @@ def cmd_plan(a: argparse.Namespace) -> int:
             print(f"  warning: {w}")
         if a.out:
             print(f"  wrote {', '.join(doc['files'])}")
+    if a.world_size and not a.json:
+        from unsloth_fx.distributed import format_plan
+
+        print(f"\nFSDP2 over {a.world_size} GPUs (static bytes per GPU; activations not included):")
+        print(format_plan(a.model, world_size=a.world_size))
     if budget is not None and not fits:
         if a.json:
             return 3
@@ -198,8 +203,9 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    print("not yet available: see benchmarks/")
-    return 2
+    from unsloth_fx.bench import main as bench_main
+
+    return int(bench_main(a.args) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,16 +226,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", default=None, help="write memory_schedule.{json,html,png} here")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="also print the FSDP2 per-GPU static memory and the GPUs needed per optimizer tier")
     p.set_defaults(fn=cmd_plan)
     i = sub.add_parser("inspect", help="summarize a dump folder and write report.html")
     i.add_argument("dump")
     i.set_defaults(fn=cmd_inspect)
-    b = sub.add_parser("bench", help="GPU benchmarks")
+    b = sub.add_parser("bench", help="GPU benchmark suite (see `unsloth-fx bench --help`)", add_help=False)
+    b.add_argument("args", nargs=argparse.REMAINDER)
     b.set_defaults(fn=cmd_bench)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the suite parses its own flags, --help included
+        from unsloth_fx.bench import main as bench_main
+
+        return int(bench_main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     if args.cmd == "plan" and (args.seq <= 0 or args.batch <= 0):
         _say("error: --seq and --batch must be positive")
