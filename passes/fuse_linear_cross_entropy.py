@@ -27,13 +27,15 @@ import operator
 from typing import Any
 
 import torch
+
+from unsloth_fx import _compat
 import torch.fx
 
 import unsloth_fx.runtime.linear_cross_entropy  # noqa: F401  (registers torch.ops.unsloth_fx.linear_cross_entropy)
 from unsloth_fx.pass_base import PassContext, PassResult, graph_pass, ufx
 from unsloth_fx.passes.chunk_recompute import planned_chunks
 
-_LINEAR = {torch._C._nn.linear, torch.nn.functional.linear}
+_LINEAR = _compat.LINEAR_TARGETS
 _CE = {torch.nn.functional.cross_entropy}
 _FLATTEN_METHODS = {"view", "reshape", "contiguous", "flatten"}
 

@@ -34,7 +34,7 @@ from unsloth_fx import _compat
 from unsloth_fx.pass_base import PassContext, PassResult, graph_pass
 from unsloth_fx.passes.chunk_recompute import planned_chunks
 
-_LINEAR = {torch._C._nn.linear, torch.nn.functional.linear}
+_LINEAR = _compat.LINEAR_TARGETS
 _ACTS = {torch.nn.functional.silu, torch.nn.functional.gelu, torch.sigmoid, torch.nn.functional.relu}
 _MUL = {operator.mul, torch.mul}
 

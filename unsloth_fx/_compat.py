@@ -246,3 +246,8 @@ def unset_fake_mode() -> Any:
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     return unset_fake_temporarily()
+
+
+# Graph-target types and pattern keys (private modules, public in practice).
+OpOverload = torch._ops.OpOverload
+LINEAR_TARGETS = frozenset({torch._C._nn.linear, torch.nn.functional.linear})

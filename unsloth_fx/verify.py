@@ -30,7 +30,7 @@ _NO_VALUE_TARGETS = {"output"}
 
 
 def _is_mutating(target: object) -> bool:
-    if not isinstance(target, torch._ops.OpOverload):
+    if not isinstance(target, _compat.OpOverload):
         return False
     if target.namespace == "unsloth_fx":
         return False
@@ -68,6 +68,6 @@ def verify_graph(gm: torch.fx.GraphModule, stage: str) -> None:
 
 def _returns_nothing(node: torch.fx.Node) -> bool:
     t = node.target
-    if isinstance(t, torch._ops.OpOverload):
+    if isinstance(t, _compat.OpOverload):
         return len(t._schema.returns) == 0
     return False

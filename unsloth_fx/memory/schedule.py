@@ -120,7 +120,7 @@ def _hint(x: Any) -> float:
 
 def _recomputable(n: torch.fx.Node) -> bool:
     t = n.target
-    if not isinstance(t, torch._ops.OpOverload):
+    if not isinstance(t, _compat.OpOverload):
         return n.target.__name__ == "getitem" if hasattr(n.target, "__name__") else False
     if torch.Tag.nondeterministic_seeded in t.tags or t._schema.is_mutable:
         return False
