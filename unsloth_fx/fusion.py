@@ -144,6 +144,14 @@ def detach(optimizer) -> None:
         _FUSED_IDS.discard(id(p))
 
 
+def _is_hybrid(obj: Any, cls: type) -> bool:
+    # gc.get_objects() can hold weakref proxies to dead objects; isinstance on one raises ReferenceError.
+    try:
+        return isinstance(obj, cls)
+    except ReferenceError:
+        return False
+
+
 def binding_for(param: Tensor, *, scan: bool = True) -> Binding | None:
     """The binding of ``param``; with ``scan``, bind (with defaults) a live HybridAdamW holding it."""
     b = _BINDING_OF.get(id(param))
@@ -155,7 +163,7 @@ def binding_for(param: Tensor, *, scan: bool = True) -> Binding | None:
 
     with warnings.catch_warnings():  # isinstance on every live object trips deprecated module attributes
         warnings.simplefilter("ignore")
-        found = [o for o in gc.get_objects() if isinstance(o, HybridAdamW)]
+        found = [o for o in gc.get_objects() if _is_hybrid(o, HybridAdamW)]
     for obj in found:
         if any(p is param for p in _params_of(obj)):
             b = attach(None, obj)
