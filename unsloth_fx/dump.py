@@ -44,11 +44,20 @@ def _fmt_stats(stats: dict[str, Any]) -> str:
     return ", ".join(keep)
 
 
+def _next_graph_dir(root: str) -> str:
+    os.makedirs(root, exist_ok=True)
+    taken = {int(m.group(1)) for name in os.listdir(root) if (m := re.fullmatch(r"graph_(\d+)", name))}
+    n = 0
+    while n in taken:
+        n += 1
+    return os.path.join(root, f"graph_{n:03d}")
+
+
 class Dumper:
     """Writes one graph's dump folder; ``root=None`` only emits structured-trace artifacts."""
 
     def __init__(self, root: str | None, graph_id: int, pipeline_text: str, pass_names: list[str]):
-        self.dir = os.path.join(root, f"graph_{graph_id:03d}") if root else None
+        self.dir = _next_graph_dir(root) if root else None  # numbered per dump folder, from graph_000
         self.graph_id = graph_id
         self.counter = 0
         self.prev: dict[str, str] = {}
