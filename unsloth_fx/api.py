@@ -152,12 +152,7 @@ def _is_hf_causal_lm(model: torch.nn.Module) -> bool:
     return isinstance(model, PreTrainedModel) and hasattr(model, "get_output_embeddings")
 
 
-def _layers(config: Any) -> tuple[int, int]:
-    L = int(config.num_hidden_layers)
-    k = getattr(config, "first_k_dense_replace", None)
-    if getattr(config, "n_routed_experts", None) and k is not None:
-        return min(int(k), L), L - min(int(k), L)
-    return L, 0
+from unsloth_fx.memory.whole import _layers  # noqa: E402  (dense and MoE layer counts; one definition)
 
 
 def _meta_copy(model: torch.nn.Module, dense: int, moe: int) -> torch.nn.Module:
