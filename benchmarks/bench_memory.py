@@ -137,7 +137,10 @@ def main() -> int:
                            env={**os.environ}, timeout=3600)
         line = next((ln for ln in p.stdout.splitlines() if ln.startswith("CELL ")), None)
         print(f"done {c['mode']} seq={c['seq']} budget={c['budget']}", file=sys.stderr, flush=True)
-        return json.loads(line[5:]) if line else {**c, "error": p.stderr[-400:]}
+        r = json.loads(line[5:]) if line else {**c, "error": p.stderr[-400:]}
+        with open(a.out + ".partial.jsonl", "a") as f:  # each cell as it finishes: a killed run keeps its cells
+            f.write(json.dumps(r) + "\n")
+        return r
 
     results = parallel_map(run, cells, a.jobs)
     hdr = "| mode | seq | budget GiB | predicted GiB | measured GiB | error % | tokens/s | note |"

@@ -1,0 +1,96 @@
+"""Where a training step's GPU time goes: torch.profiler over a few steps, top kernels by CUDA time.
+
+    python benchmarks/profile_step.py --variant ufx --budget 24GiB --out prof_ufx.txt
+    python benchmarks/profile_step.py --variant compile-bf16 --out prof_stock.txt
+
+``ufx``: ``unsloth_fx.apply_optimizations`` (HybridAdamW, the budget's plan); ``compile-bf16``:
+stock ``torch.compile`` with bf16 weights and ``torch.optim.AdamW(fused=True)``. Random token ids,
+batch 1. After ``--warmup`` steps (the first compiles), ``--steps`` steps run under the profiler;
+the report gives wall time per step, the summed CUDA kernel time per step, the number of kernel
+launches per step, and the top kernels. GPU only (the profile of a CPU run says nothing useful).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="r1-distill-qwen-1.5b")
+    ap.add_argument("--variant", choices=("ufx", "compile-bf16"), default="ufx")
+    ap.add_argument("--budget", default="24GiB")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from unsloth_fx.zoo import build_model
+
+    torch.manual_seed(0)
+    model = build_model(a.model, device="cuda", dtype=torch.bfloat16)
+    model.train()
+    if a.variant == "ufx":
+        from unsloth_fx.api import apply_optimizations
+
+        f, opt = apply_optimizations(model, target_vram=a.budget, optimizer="hybrid_adam", lr=1e-5,
+                                     seq_len=a.seq, batch_size=1)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        f = torch.compile(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, a.seq), device="cuda")
+
+    def step():
+        loss = f(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _lock import timed_section  # serialize the GPU work with other benchmark cells (UFX_BENCH_LOCK)
+
+    step()  # compiles (CPU work): outside the lock
+    lock = timed_section()
+    lock.__enter__()
+    for _ in range(a.warmup - 1):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / a.steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(a.steps):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "device_time_total", 0)]
+    kern = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    cuda_us = sum(e.device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
+    lines = [f"{a.model} {a.variant} budget={a.budget if a.variant == 'ufx' else '-'} seq={a.seq}: "
+             f"wall {wall * 1e3:.1f} ms/step (unprofiled), CUDA kernel time {cuda_us / 1e3 / a.steps:.1f} ms/step, "
+             f"{len(kern) // a.steps} kernels/step, peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"]
+    lines.append(prof.key_averages().table(sort_by="device_time_total", row_limit=a.top, max_name_column_width=70))
+    lines.append(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=70))
+    del events
+    lock.__exit__(None, None, None)
+    text = "\n".join(lines)
+    print(text)
+    if a.out:
+        with open(a.out, "w") as fh:
+            fh.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
