@@ -4,8 +4,15 @@ Without a budget it only reports the predicted peak (modified=False). With one i
 runs the scheduler (unsloth_fx.memory.schedule), which tags forward nodes
 ``meta["recompute"] = MUST_RECOMPUTE / MUST_SAVE`` and ``ufx(node).decision``,
 so the min-cut partitioner carries the plan out; a budget above the predicted
-peak changes nothing. The plan object is left in ``ctx.shared["memory_plan"]``
-for chunk_recompute, and the schedule files in ``ctx.artifacts``.
+peak changes nothing. Values the plan offloads to host are tagged MUST_SAVE with
+``decision="offload"``; offload_activations / reload_activations move them after
+partitioning. The plan object is left in ``ctx.shared["memory_plan"]`` for
+chunk_recompute and reload_activations, and the schedule files in ``ctx.artifacts``.
+
+Options: ``optimizer``, ``keep_outputs``, ``offload`` (let the solver offload),
+``h2d_gbps`` / ``d2h_gbps`` (host link, GB/s = 1e9 bytes/s each way),
+``force_offload`` (node names joined by ``+``, or ``all``: offload these
+whatever the cost; a test and debugging hook).
 """
 
 from __future__ import annotations
@@ -25,16 +32,20 @@ def _device_total(ctx: PassContext) -> int | None:
     return None
 
 
-@graph_pass(name="plan_memory", stage="joint", options={"optimizer": "adamw", "keep_outputs": False})
+@graph_pass(name="plan_memory", stage="joint", options={"optimizer": "adamw", "keep_outputs": False, "offload": True,
+                                                       "h2d_gbps": 25.0, "d2h_gbps": 25.0, "force_offload": ""})
 def plan_memory(gm: torch.fx.GraphModule, ctx: PassContext, optimizer: str = "adamw",
-                keep_outputs: bool = False) -> PassResult:
-    """Predict the step's memory timeline; with a memory_budget, choose save/recompute per activation."""
+                keep_outputs: bool = False, offload: bool = True, h2d_gbps: float = 25.0,
+                d2h_gbps: float = 25.0, force_offload: str = "") -> PassResult:
+    """Predict the step's memory timeline; with a memory_budget, choose save/recompute/offload per activation."""
     budget = ctx.options.resolve_budget(_device_total(ctx))
     nfwd = ctx.num_fwd_outputs or 1
     static = M.static_from_graph(gm, optimizer, bool(getattr(ctx.options, "fuse_optimizer", False)), ctx.params)
     already = any(n.meta.get("ufx") is not None and n.meta["ufx"].decision for n in gm.graph.nodes)
     try:
-        plan = schedule.plan(gm, nfwd, static, budget)
+        dev = schedule.DeviceModel(h2d_bytes_per_s=h2d_gbps * 1e9, d2h_bytes_per_s=d2h_gbps * 1e9, offload=offload)
+        forced = {t for t in force_offload.replace(" ", "+").split("+") if t}
+        plan = schedule.plan(gm, nfwd, static, budget, dev, force_offload=forced or None)
     except schedule.InfeasibleBudget:
         raise
     except Exception as e:  # the prediction must never break a compile that asked for no budget
@@ -48,6 +59,8 @@ def plan_memory(gm: torch.fx.GraphModule, ctx: PassContext, optimizer: str = "ad
              f"static: parameters {format_bytes(static.parameters + static.buffers)}, gradients "
              f"{format_bytes(static.gradients)}, optimizer state {format_bytes(static.optimizer_state)}",
              f"saved activations {format_bytes(tl.saved_bytes)}"]
+    if plan.offloaded_bytes:
+        lines.append(f"offloaded to host {format_bytes(plan.offloaded_bytes)} (exposed transfer ~{plan.offload_s * 1e3:.3f} ms)")
     if budget is not None:
         lines.insert(0, f"budget {format_bytes(budget)}: {'feasible' if plan.feasible else 'infeasible'}")
     ctx.artifacts.update(report.artifacts(tl, budget=budget, feasible=plan.feasible, decisions=plan.decisions,
@@ -57,6 +70,7 @@ def plan_memory(gm: torch.fx.GraphModule, ctx: PassContext, optimizer: str = "ad
         "predicted_peak": tl.peak, "predicted_peak_h": format_bytes(tl.peak), "baseline_peak": plan.baseline.peak,
         "saved_bytes": tl.saved_bytes, "budget": budget, "feasible": plan.feasible,
         "recompute": sum(1 for d in plan.decisions.values() if d == "recompute"),
+        "offload": sum(1 for d in plan.decisions.values() if d == "offload"), "offloaded_bytes": plan.offloaded_bytes,
         "overhead_s": plan.overhead_s, "warnings": plan.warnings,
     }
     if already and not plan.modified:

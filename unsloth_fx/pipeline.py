@@ -24,7 +24,8 @@ import torch.fx
 
 from unsloth_fx.pass_base import PassContext, PassSpec, get_pass
 
-DEFAULT_PASSES = ("share_weights", "plan_memory", "chunk_recompute", "fuse_optimizer")
+DEFAULT_PASSES = ("share_weights", "plan_memory", "chunk_recompute", "offload_activations", "reload_activations",
+                  "fuse_optimizer")
 
 _ITEM_RE = re.compile(r"^([+-]?)([A-Za-z_][A-Za-z0-9_]*)(?:\{(.*)\})?$")
 

@@ -1,24 +1,33 @@
-"""Budget scheduler: per forward value choose save / recompute so the step fits a byte budget
-at the least estimated time, solved as a MILP (scipy.optimize.milp, HiGHS).
+"""Budget scheduler: per forward value choose save / recompute / offload so the step fits a
+byte budget at the least estimated time, solved as a MILP (scipy.optimize.milp, HiGHS).
 
-Variables, per forward compute node j: keep_j (saved across the forward/backward
-gap) and rec_j (recomputed in backward). Constraints:
+Variables, per forward compute node j: keep_j (saved on the device across the
+forward/backward gap), rec_j (recomputed in backward), off_j (offloaded to pinned
+host memory after its last forward use, copied back before its first backward
+use), and one continuous E (exposed transfer seconds). Constraints:
 
-* a value backward reads is kept or recomputed:       keep_j + rec_j >= 1
-* recomputing j needs each forward input i of j:      keep_i + rec_i >= rec_j
+* a value backward reads is kept, recomputed or offloaded: keep_j + rec_j + off_j >= 1
+* recomputing j needs each forward input i of j:           keep_i + rec_i + off_i >= rec_j
   (parameters and graph inputs are always available)
-* bytes kept across the gap fit what the budget leaves: sum_j keep_j * bytes_j <= L
+* device bytes kept across the gap fit what the budget leaves: sum_j keep_j * bytes_j <= L
+* E >= sum_j off_j * max(0, t_j - W_j)   (each copy hidden by the compute around it)
+* E >= sum_j off_j * t_j - T             (one host link: all copies within the step)
 
-Objective: minimize sum_j rec_j * seconds_j (FLOPs at the device's rate, or bytes
-over memory bandwidth for memory-bound ops). The solution is written as
-``meta["recompute"] = MUST_RECOMPUTE / MUST_SAVE`` tags, which the min-cut
-partitioner honours; the plan is then checked by partitioning a copy and
-predicting its timeline (model.predict). If the prediction exceeds the budget,
-L is lowered by the excess and the MILP is solved again (a few rounds).
+with t_j = bytes_j / d2h + bytes_j / h2d, W_j the estimated compute seconds between
+j's last forward use and its first backward use (joint graph order), T the
+estimated seconds of the whole step. Objective: minimize sum_j rec_j * seconds_j +
+E + sum_j off_j * overhead (FLOPs at the device's rate, or bytes over memory
+bandwidth for memory-bound ops). The solution is written as ``meta["recompute"] =
+MUST_RECOMPUTE / MUST_SAVE`` tags (offloaded values are MUST_SAVE) plus
+``ufx(node).decision``; the min-cut partitioner honours the tags and the
+offload_activations / reload_activations passes move the offloaded values. The
+plan is then checked by partitioning a copy, applying the same offload transform
+and predicting its timeline (offloaded bytes are off the device between the
+copy-out and the copy-in). If the prediction exceeds the budget, L is lowered by
+the excess and the MILP is solved again (a few rounds).
 
-Offload (pinned host) and chunking are not chosen: nothing in the pipeline
-executes an offload decision yet, and chunk decisions need the chunk_recompute
-pass to materialize them. Both are reported as unavailable.
+Chunking is not chosen here: chunk decisions need the chunk_recompute pass to
+materialize them, and are reported as unavailable.
 """
 
 from __future__ import annotations
@@ -32,18 +41,23 @@ import torch
 import torch.fx
 
 from unsloth_fx import _compat
-from unsloth_fx.memory.model import Static, Timeline, forward_nodes, predict, round_block, storage_size
+from unsloth_fx.memory.model import (Static, Timeline, _Walker, forward_nodes, partition, predict, round_block,
+                                     storage_size)
 from unsloth_fx.options import format_bytes
 from unsloth_fx.pass_base import ufx
 
 
 @dataclass(frozen=True)
 class DeviceModel:
-    """Rates the cost model uses (defaults: one H100 SXM, bf16 dense)."""
+    """Rates the cost model uses (defaults: one H100 SXM, bf16 dense; PCIe 5 x16 host link
+    at about 25 GB/s each way in practice). Units: FLOP/s, bytes/s, seconds."""
 
     flops_per_s: float = 400e12
     mem_bytes_per_s: float = 2.0e12
-    host_bytes_per_s: float = 25e9
+    h2d_bytes_per_s: float = 25e9  # host -> device (reload)
+    d2h_bytes_per_s: float = 25e9  # device -> host (offload)
+    offload_overhead_s: float = 5e-6  # per offloaded tensor: two copy launches and an event wait
+    offload: bool = True  # False: the solver never offloads
 
 
 class InfeasibleBudget(ValueError):
@@ -57,7 +71,7 @@ class InfeasibleBudget(ValueError):
 
 @dataclass
 class Plan:
-    """What the scheduler decided. ``decisions``: joint node name -> "save" | "recompute"."""
+    """What the scheduler decided. ``decisions``: joint node name -> "save" | "recompute" | "offload"."""
 
     budget: int | None
     feasible: bool
@@ -66,7 +80,10 @@ class Plan:
     timeline: Timeline
     decisions: dict[str, str] = field(default_factory=dict)
     chunks: dict[str, int] = field(default_factory=dict)  # region/node -> chunk count (for chunk_recompute)
-    overhead_s: float = 0.0  # estimated extra seconds per step (recompute)
+    overhead_s: float = 0.0  # estimated extra seconds per step (recompute + exposed offload transfers)
+    offloaded_bytes: int = 0  # device bytes moved to host between forward and backward
+    offload_s: float = 0.0  # estimated exposed (not hidden by compute) transfer seconds
+    device_model: DeviceModel | None = None
     step_s: float = 0.0  # estimated seconds of the step's compute
     rounds: int = 0
     unavailable: dict[str, str] = field(default_factory=lambda: dict(UNAVAILABLE))
@@ -81,12 +98,12 @@ class Plan:
             "predicted_peak": self.timeline.peak, "baseline_peak": self.baseline.peak,
             "saved_bytes": self.timeline.saved_bytes, "decisions": counts,
             "overhead_s": self.overhead_s, "step_s": self.step_s, "rounds": self.rounds,
+            "offloaded_bytes": self.offloaded_bytes, "offload_s": self.offload_s,
             "unavailable": self.unavailable, "warnings": self.warnings,
         }
 
 
 UNAVAILABLE = {
-    "offload": "not executed by any pass yet; never chosen",
     "chunk": "needs chunk_recompute to materialize chunk plans; never chosen",
 }
 
@@ -133,15 +150,55 @@ def _tag(joint: torch.fx.GraphModule, decisions: dict[str, str]) -> None:
         d = decisions.get(n.name)
         if d is None:
             continue
+        # an offloaded value is saved (then moved to host by offload_activations)
         n.meta["recompute"] = policy.MUST_RECOMPUTE if d == "recompute" else policy.MUST_SAVE
         ufx(n).decision = d
 
 
+def offload_windows(joint: torch.fx.GraphModule, num_fwd_outputs: int, dev: DeviceModel) -> dict[str, float]:
+    """Offload candidates and their windows: per node of the joint graph's forward region
+    (before its first tangent-dependent node) that a node of the backward region reads,
+    the estimated compute seconds between its last forward-region use and its first
+    backward-region use, the time a copy-out plus copy-in can hide behind."""
+    fset = set(forward_nodes(joint, num_fwd_outputs))
+    nodes = list(joint.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    bstart = next((i for i, n in enumerate(nodes) if n.op == "call_function" and n not in fset), len(nodes))
+    prefix = [0.0]
+    for n in nodes:
+        prefix.append(prefix[-1] + (node_seconds(n, dev) if n.op == "call_function" else 0.0))
+    out: dict[str, float] = {}
+    for n in nodes[:bstart]:
+        if n not in fset:
+            continue
+        bw = [pos[u] for u in n.users if pos[u] >= bstart and u.op != "output"]
+        if not bw:
+            continue
+        a = max([pos[u] for u in n.users if pos[u] < bstart] + [pos[n]])
+        out[n.name] = max(prefix[min(bw)] - prefix[a + 1], 0.0)
+    return out
+
+
+def transfer_seconds(nbytes: float, dev: DeviceModel) -> float:
+    """Seconds to copy ``nbytes`` out to the host and back."""
+    return nbytes / dev.d2h_bytes_per_s + nbytes / dev.h2d_bytes_per_s
+
+
+def exposed_seconds(nbytes: float, window_s: float, dev: DeviceModel) -> float:
+    """Transfer seconds of one offload not hidden behind ``window_s`` seconds of compute."""
+    return max(transfer_seconds(nbytes, dev) - window_s, 0.0)
+
+
 def solve(joint: torch.fx.GraphModule, num_fwd_outputs: int, limit: int, dev: DeviceModel,
-          force_recompute: bool = False) -> dict[str, str] | None:
-    """One MILP: keep at most ``limit`` bytes across the gap. Returns decisions or None if infeasible."""
+          force_recompute: bool = False, force_offload: set[str] | None = None) -> dict[str, str] | None:
+    """One MILP: keep at most ``limit`` device bytes across the gap. Returns decisions
+    (node name -> "save" | "recompute" | "offload") or None if infeasible.
+    ``force_recompute``: minimize kept bytes instead of time (offloading is free then).
+    ``force_offload``: node names that must be offloaded (when they can be)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import lil_matrix
+
+    from unsloth_fx.passes.offload_activations import offloadable
 
     fwd = forward_nodes(joint, num_fwd_outputs)
     fset = set(fwd)
@@ -155,48 +212,75 @@ def solve(joint: torch.fx.GraphModule, num_fwd_outputs: int, limit: int, dev: De
     size = np.zeros(m)
     cost = np.zeros(m)
     can_rec = np.ones(m)
+    can_off = np.zeros(m)
+    exposed = np.zeros(m)
+    transfer = np.zeros(m)
+    windows = offload_windows(joint, num_fwd_outputs, dev) if dev.offload else {}
     for n in cand:
+        i = idx[n]
         s = _compat.node_storage(n) if isinstance(n.meta.get("val"), torch.Tensor) else None
         base = storage_first.setdefault(s, n) if s is not None else n
         # a view costs its base's bytes when kept (it keeps the base alive)
-        size[idx[n]] = round_block(storage_size(base.meta["val"]).nbytes)
-        cost[idx[n]] = node_seconds(n, dev)
+        size[i] = round_block(storage_size(base.meta["val"]).nbytes)
+        cost[i] = node_seconds(n, dev)
         if not _recomputable(n):
-            can_rec[idx[n]] = 0
-    # variables: keep[0:m], rec[m:2m]
+            can_rec[i] = 0
+        if n.name in windows and base is n and offloadable(n):
+            can_off[i] = 1
+            transfer[i] = transfer_seconds(size[i], dev)
+            exposed[i] = exposed_seconds(size[i], windows[n.name], dev)
+    # variables: keep[0:m], rec[m:2m], off[2m:3m], E (exposed transfer seconds) at 3m
+    nv = 3 * m + 1
     rows: list[tuple[dict[int, float], float, float]] = []
     for n in cand:
         i = idx[n]
         if any(u not in fset and u.op != "output" for u in n.users):  # read by backward
-            rows.append(({i: 1.0, m + i: 1.0}, 1.0, np.inf))
+            rows.append(({i: 1.0, m + i: 1.0, 2 * m + i: 1.0}, 1.0, np.inf))
         for a in n.all_input_nodes:
-            if a in idx:  # recomputing n needs a
+            if a in idx:  # recomputing n needs a (kept, recomputed or reloaded)
                 j = idx[a]
-                rows.append(({j: 1.0, m + j: 1.0, m + i: -1.0}, 0.0, np.inf))
+                rows.append(({j: 1.0, m + j: 1.0, 2 * m + j: 1.0, m + i: -1.0}, 0.0, np.inf))
     rows.append(({i: size[i] for i in range(m)}, -np.inf, float(limit)))
-    A = lil_matrix((len(rows), 2 * m))
+    for n in cand:  # keeping a view of an offloaded value would keep its storage on the device
+        b = storage_first.get(_compat.node_storage(n)) if isinstance(n.meta.get("val"), torch.Tensor) else None
+        if b is not None and b is not n and b in idx and can_off[idx[b]]:
+            rows.append(({idx[n]: 1.0, 2 * m + idx[b]: 1.0}, -np.inf, 1.0))
+    if can_off.any():
+        step = step_seconds(joint, dev)
+        rows.append(({3 * m: 1.0, **{2 * m + i: -exposed[i] for i in range(m) if can_off[i]}}, 0.0, np.inf))
+        rows.append(({3 * m: 1.0, **{2 * m + i: -transfer[i] for i in range(m) if can_off[i]}}, -step, np.inf))
+    A = lil_matrix((len(rows), nv))
     lo, hi = np.zeros(len(rows)), np.zeros(len(rows))
     for r, (coef, l, h) in enumerate(rows):
         for k, v in coef.items():
             A[r, k] = v
         lo[r], hi[r] = l, h
-    # objective: recompute seconds; a tiny byte term prefers fewer kept bytes among equal-time plans
-    c = np.concatenate([size * 1e-15, cost + 1e-12])
+    # objective: recompute seconds + exposed transfer seconds + a fixed cost per offload;
+    # a tiny byte term prefers fewer kept bytes among equal-time plans
+    c = np.concatenate([size * 1e-15, cost + 1e-12, size * 1e-15 + dev.offload_overhead_s, [1.0]])
     if force_recompute:
-        c = np.concatenate([size, np.zeros(m)])
+        c = np.concatenate([size, np.zeros(m), np.zeros(m), [0.0]])
     # a tuple is never saved itself (its getitems are)
     can_keep = np.array([1.0 if isinstance(n.meta.get("val"), torch.Tensor) else 0.0 for n in cand])
-    ub = np.concatenate([can_keep, can_rec])
-    res = milp(c, constraints=[LinearConstraint(A.tocsr(), lo, hi)], integrality=np.ones(2 * m),
-               bounds=Bounds(np.zeros(2 * m), ub), options={"time_limit": 60.0})
+    lb = np.zeros(nv)
+    if force_offload:
+        for n in cand:
+            if (n.name in force_offload or "all" in force_offload) and can_off[idx[n]]:
+                lb[2 * m + idx[n]] = 1.0
+    ub = np.concatenate([can_keep, can_rec, can_off, [np.inf]])
+    integrality = np.concatenate([np.ones(3 * m), [0]])
+    res = milp(c, constraints=[LinearConstraint(A.tocsr(), lo, hi)], integrality=integrality,
+               bounds=Bounds(lb, ub), options={"time_limit": 60.0})
     if res.x is None:  # infeasible (or no solution within the time limit)
         return None
-    x = np.round(res.x).astype(int)
+    x = np.round(res.x[:3 * m]).astype(int)
     out: dict[str, str] = {}
     for n in cand:
         i = idx[n]
         if x[m + i]:
             out[n.name] = "recompute"
+        elif x[2 * m + i]:
+            out[n.name] = "offload"
         elif x[i] and (size[i] > 0):
             out[n.name] = "save"
     return out
@@ -228,18 +312,70 @@ def minimum_plan(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Stat
     for dec in cands:
         if not dec:
             continue
-        tl = _predict_tagged(joint, num_fwd_outputs, static, dec)
+        tl = _predict_tagged(joint, num_fwd_outputs, static, dec, dev)
         if tl.peak < best[1].peak:
             best = (dec, tl)
     return best
 
 
-def _predict_tagged(joint, num_fwd_outputs, static, decisions) -> Timeline:
+class _OffloadWalker(_Walker):
+    """The model's walker, told which values live on the host: the forward's host copies
+    (offload_activation outputs) allocate no device bytes; an offloaded value is
+    labelled "saved" on the device until its last forward use and again from its reload."""
+
+    def __init__(self, static: Static, recomputable: set[str], offloaded: set[str]):
+        super().__init__(static, recomputable)
+        self.offloaded = offloaded
+        self.host: set[Any] = set()
+
+    def alloc(self, phase: str, n: torch.fx.Node, s: Any, cat: str) -> None:
+        from unsloth_fx.passes.offload_activations import OFFLOAD, RELOAD
+
+        if n.target is OFFLOAD:
+            self.host.add(s)
+            self.bytes[s], self.cat[s] = 0, cat
+            return
+        if n.target is RELOAD or n.name in self.offloaded:
+            cat = "saved"
+        super().alloc(phase, n, s, cat)
+
+    def free(self, phase: str, node: Any, s: Any) -> None:
+        if s in self.host:
+            self.bytes.pop(s, None)
+            self.cat.pop(s, None)
+            return
+        super().free(phase, node, s)
+
+
+def predict_planned(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Static,
+                    dev: DeviceModel | None = None) -> tuple[Timeline, dict[str, str]]:
+    """Predict the timeline of ``joint`` as it will run: partitioned (tags honoured), then
+    the values tagged ``decision="offload"`` moved to host by the same transforms the
+    offload_activations / reload_activations passes apply. Returns the timeline and
+    {saved name: host node name} of what was really offloaded."""
+    from unsloth_fx.passes.offload_activations import offload_forward, reload_backward
+
+    wanted = any(n.meta.get("ufx") is not None and n.meta["ufx"].decision == "offload" for n in joint.graph.nodes)
+    if not wanted:
+        return predict(joint, num_fwd_outputs, static), {}
+    fw, bw = partition(joint, num_fwd_outputs)
+    done = offload_forward(fw, num_fwd_outputs)
+    reload_backward(bw, done, dev)
+    rec = {n.name for n in forward_nodes(joint, num_fwd_outputs)}
+    tl = _OffloadWalker(static, rec, set(done)).run(fw, bw, num_fwd_outputs, False)
+    return tl, done
+
+
+def _predict_tagged(joint, num_fwd_outputs, static, decisions, dev=None) -> Timeline:
+    return _predict_tagged_offload(joint, num_fwd_outputs, static, decisions, dev)[0]
+
+
+def _predict_tagged_offload(joint, num_fwd_outputs, static, decisions, dev=None) -> tuple[Timeline, dict[str, str]]:
     saved_meta = {n.name: (n.meta.get("recompute"), n.meta.get("ufx")) for n in joint.graph.nodes}
     g = torch.fx.GraphModule(joint, joint.graph)  # same graph: tag, predict on a copy, untag
     try:
         _tag(g, decisions)
-        return predict(g, num_fwd_outputs, static)
+        return predict_planned(g, num_fwd_outputs, static, dev)
     finally:
         for n in joint.graph.nodes:
             rec, u = saved_meta[n.name]
@@ -259,26 +395,36 @@ def step_seconds(joint: torch.fx.GraphModule, dev: DeviceModel) -> float:
 
 
 def plan(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Static, budget: int | None,
-         dev: DeviceModel | None = None, max_rounds: int = 6) -> Plan:
-    """Plan ``joint`` to ``budget`` bytes (None: predict only). Raises InfeasibleBudget."""
+         dev: DeviceModel | None = None, max_rounds: int = 6, force_offload: set[str] | None = None) -> Plan:
+    """Plan ``joint`` to ``budget`` bytes (None: predict only). Raises InfeasibleBudget.
+
+    ``force_offload``: forward node names (or {"all"}) to offload whatever the cost
+    (a test and debugging hook; names that cannot be offloaded are ignored)."""
     dev = dev or DeviceModel()
     base = predict(joint, num_fwd_outputs, static)
-    p = Plan(budget, True, False, base, base, step_s=step_seconds(joint, dev), warnings=list(base.warnings))
+    p = Plan(budget, True, False, base, base, step_s=step_seconds(joint, dev), warnings=list(base.warnings),
+             device_model=dev)
+    if force_offload and (budget is None or base.peak <= budget):
+        dec = {k: v for k, v in (solve(joint, num_fwd_outputs, 2**62, dev, force_offload=force_offload) or {}).items()
+               if v == "offload"}
+        if dec:
+            tl, done = _predict_tagged_offload(joint, num_fwd_outputs, static, dec, dev)
+            return _finish(p, joint, dec, tl, done, dev, num_fwd_outputs)
     if budget is None or base.peak <= budget:
         p.feasible = budget is None or base.peak <= budget
         return p
     # bytes the budget leaves for activations kept across the gap
     other = base.peak - base.saved_bytes
     limit = budget - other
-    best: tuple[dict[str, str], Timeline] | None = None
+    best: tuple[dict[str, str], Timeline, dict[str, str]] | None = None
     for rnd in range(1, max_rounds + 1):
         p.rounds = rnd
-        dec = solve(joint, num_fwd_outputs, max(limit, 0), dev) if limit > 0 else None
+        dec = solve(joint, num_fwd_outputs, max(limit, 0), dev, force_offload=force_offload) if limit > 0 else None
         if dec is None:
             break
-        tl = _predict_tagged(joint, num_fwd_outputs, static, dec)
+        tl, done = _predict_tagged_offload(joint, num_fwd_outputs, static, dec, dev)
         if tl.peak <= budget:
-            best = (dec, tl)
+            best = (dec, tl, done)
             break
         limit -= (tl.peak - budget) + 2**20
     if best is None:
@@ -290,10 +436,23 @@ def plan(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Static, budg
             f"memory_budget={format_bytes(budget)} is infeasible for this graph: {text}; "
             f"smallest feasible budget {format_bytes(smallest)}",
             smallest_feasible=smallest, breakdown=bd)
-    dec, tl = best
+    return _finish(p, joint, *best, dev, num_fwd_outputs)
+
+
+def _finish(p: Plan, joint: torch.fx.GraphModule, dec: dict[str, str], tl: Timeline, done: dict[str, str],
+            dev: DeviceModel, num_fwd_outputs: int) -> Plan:
+    # an "offload" the transform could not carry out (the partitioner did not save the value,
+    # or it is also a user output) is a plain save
+    dec = {k: ("save" if v == "offload" and k not in done else v) for k, v in dec.items()}
     _tag(joint, dec)
     names = {n.name: n for n in joint.graph.nodes}
+    windows = offload_windows(joint, num_fwd_outputs, dev) if done else {}
     p.decisions, p.timeline, p.modified = dec, tl, True
-    p.overhead_s = sum(node_seconds(names[k], dev) for k, v in dec.items() if v == "recompute")
+    nbytes = {k: round_block(storage_size(names[k].meta["val"]).nbytes) for k in done}
+    exposed = max(sum(exposed_seconds(b, windows.get(k, 0.0), dev) for k, b in nbytes.items()),
+                  sum(transfer_seconds(b, dev) for b in nbytes.values()) - p.step_s)  # E, as in solve
+    p.offload_s = max(exposed, 0.0) + dev.offload_overhead_s * len(done)
+    p.offloaded_bytes = sum(nbytes.values())
+    p.overhead_s = sum(node_seconds(names[k], dev) for k, v in dec.items() if v == "recompute") + p.offload_s
     p.warnings = sorted(set(p.warnings) | set(tl.warnings))
     return p
