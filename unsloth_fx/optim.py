@@ -14,10 +14,15 @@ keeps the AdamW moments of each parameter in one of five tiers (see
   ``gate_demote`` (hysteresis), never more than ``hybrid_cap`` of a tensor's
   blocks in fp32.  Decisions (``slot``) and errors live in the state dict.
 
-Embeddings, the LM head, norms, biases, 1-D tensors and tensors under
-``min_quant_numel`` elements keep fp32 moments in the quantized tiers unless
-``quantize_all=True`` (names are known when the optimizer is given
-``model.named_parameters()``; use :func:`param_groups` otherwise).
+Which tier each parameter gets is :func:`tier_for` (the planner uses the same
+function): in the quantized tiers (int8 / int4 / hybrid), norms, biases, 1-D
+tensors and tensors under ``min_quant_numel`` elements keep fp32 moments (they
+are tiny); embeddings and the LM head get ``high_precision_tier`` (default
+"fp32"; "bf16" / "int8" / "int4" / "hybrid" trade their precision for memory:
+for a 1.5B model with a 151,936-token vocabulary they are 0.47B parameters,
+3.5 GiB of fp32 moments); ``quantize_all=True`` puts everything in the group's
+tier. Names are known when the optimizer is given ``model.named_parameters()``;
+use :func:`param_groups` otherwise.
 
 bf16 weights are updated with stochastic rounding (``stochastic_rounding``),
 from Philox keyed by a per-parameter seed and the step, so a run is
@@ -46,9 +51,10 @@ from unsloth_fx.runtime import adamw as _k
 from unsloth_fx.runtime import optim_reference as _ref
 from unsloth_fx.runtime.adamw import TIERS, hybrid_regate_, init_state, state_nbytes
 
-__all__ = ["HybridAdamW", "param_groups", "reference_step_state", "TIERS"]
+__all__ = ["HybridAdamW", "param_groups", "reference_step_state", "TIERS", "tier_for", "state_tensor_nbytes"]
 
 HIGH_PRECISION_NAMES = ("embed", "lm_head", "wte", "wpe", "norm", "bias")
+EMBEDDING_NAMES = ("embed", "lm_head", "wte", "wpe")  # the role high_precision_tier applies to
 GATE_DEFAULTS = {4: (0.02, 0.01), 8: (1e-3, 5e-4)}  # bits -> (promote, demote)
 _META_KEYS = ("step", "nonfinite_skips", "tier", "seed", "gate_clock", "hybrid_bits")
 
@@ -57,10 +63,62 @@ def _is_high_precision_name(name: str | None, patterns=HIGH_PRECISION_NAMES) -> 
     return name is not None and any(p in name.lower() for p in patterns)
 
 
-def param_groups(model: torch.nn.Module, state_precision: str = "hybrid", **group_options) -> list[dict]:
-    """Two groups for ``model``: embeddings / LM head / norms / biases (fp32
-    moments) and everything else (``state_precision``)."""
-    high, low = [], []
+def tier_for(name: str | None, shape: Iterable[int], state_precision: str, *, quantize_all: bool = False,
+             min_quant_numel: int = 4096, high_precision_tier: str = "fp32") -> str:
+    """The moment tier HybridAdamW gives a parameter (one of ``TIERS``).
+
+    ``name``: the parameter's qualified name (None when unknown: then only the
+    shape rules apply); ``shape``: its *global* shape (FSDP2 shards get the same
+    tier on every rank); the rest as the optimizer's group options.
+
+    * ``state_precision`` "fp32" / "bf16", or ``quantize_all``: ``state_precision``;
+    * 1-D tensors, tensors under ``min_quant_numel`` elements, norms and biases: "fp32";
+    * embeddings and the LM head (names containing embed / lm_head / wte / wpe):
+      ``high_precision_tier``;
+    * everything else: ``state_precision``.
+    """
+    shape = tuple(int(d) for d in shape)
+    numel = 1
+    for d in shape:
+        numel *= d
+    if state_precision in ("fp32", "bf16") or quantize_all:
+        return state_precision
+    if len(shape) < 2 or numel < min_quant_numel:
+        return "fp32"
+    if _is_high_precision_name(name, EMBEDDING_NAMES):
+        return high_precision_tier
+    if _is_high_precision_name(name):
+        return "fp32"
+    return state_precision
+
+
+_SIZES_CACHE: dict[tuple, tuple[int, ...]] = {}
+
+
+def state_tensor_nbytes(tier: str, numel: int, *, hybrid_bits: int = 4, hybrid_cap: float = 0.1) -> tuple[int, ...]:
+    """Bytes of each moment-state tensor ``init_state`` allocates for one parameter of
+    ``numel`` elements in ``tier`` (each a separate allocation), without allocating:
+    the state is built on the meta device and measured with ``state_nbytes``. The
+    hybrid tier's fp32 pool is allocated at ``hybrid_cap`` of the blocks up front,
+    so its bytes do not depend on how many blocks the gate promotes. The two 0-d
+    fp32 counters HybridAdamW adds per parameter (step, nonfinite_skips) are not
+    included (see :meth:`HybridAdamW.state_layout`)."""
+    key = (tier, int(numel), int(hybrid_bits), float(hybrid_cap))
+    out = _SIZES_CACHE.get(key)
+    if out is None:
+        st = init_state(tier, torch.empty(int(numel), device="meta"), hybrid_bits=hybrid_bits, hybrid_cap=hybrid_cap)
+        out = tuple(state_nbytes({k: v}) for k, v in st.items())
+        _SIZES_CACHE[key] = out
+    return out
+
+
+def param_groups(model: torch.nn.Module, state_precision: str = "hybrid", *, high_precision_tier: str = "fp32",
+                 **group_options) -> list[dict]:
+    """Groups for ``model`` when the optimizer will not see parameter names:
+    embeddings / LM head (``high_precision_tier``, found by module type as well as
+    by name), norms / biases / 1-D tensors (fp32 moments) and everything else
+    (``state_precision``). Groups of the same tier are merged, fp32 first."""
+    emb, high, low = [], [], []
     emb_ids = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     out_emb = getattr(model, "get_output_embeddings", lambda: None)()
     if out_emb is not None:
@@ -68,13 +126,21 @@ def param_groups(model: torch.nn.Module, state_precision: str = "hybrid", **grou
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (high if id(p) in emb_ids or _is_high_precision_name(name) or p.ndim < 2 else low).append(p)
-    groups = []
-    if high:
-        groups.append({"params": high, "state_precision": "fp32", **group_options})
-    if low:
-        groups.append({"params": low, "state_precision": state_precision, **group_options})
-    return groups
+        if p.ndim < 2:
+            high.append(p)
+        elif id(p) in emb_ids or _is_high_precision_name(name, EMBEDDING_NAMES):
+            emb.append(p)
+        elif _is_high_precision_name(name):
+            high.append(p)
+        else:
+            low.append(p)
+    # as before the override existed: with fp32 / bf16 state the embeddings join the fp32 group
+    emb_tier = high_precision_tier if state_precision not in ("fp32", "bf16") else "fp32"
+    by_tier: dict[str, list] = {}
+    for tier, ps in (("fp32", high), (emb_tier, emb), (state_precision, low)):
+        if ps:
+            by_tier.setdefault(tier, []).extend(ps)
+    return [{"params": ps, "state_precision": tier, **group_options} for tier, ps in by_tier.items()]
 
 
 def reference_step_state(tier: str, param: Tensor, grad: Tensor, state: dict, *, lr, betas, eps,
@@ -152,10 +218,13 @@ class HybridAdamW(torch.optim.Optimizer):
                  state_precision: str = "hybrid", stochastic_rounding: bool = True, *,
                  hybrid_bits: int = 4, hybrid_cap: float = 0.1, gate_every: int = 100,
                  gate_promote: float | None = None, gate_demote: float | None = None,
-                 min_quant_numel: int = 4096, quantize_all: bool = False,
+                 min_quant_numel: int = 4096, quantize_all: bool = False, high_precision_tier: str = "fp32",
                  check_finite: bool = True, seed: int = 0, implementation: str = "auto"):
         if state_precision not in TIERS:
             raise ValueError(f"state_precision={state_precision!r}; expected one of {TIERS}")
+        if high_precision_tier not in TIERS:
+            raise ValueError(f"high_precision_tier={high_precision_tier!r} (the tier of embeddings / LM head); "
+                             f"expected one of {TIERS}")
         if hybrid_bits not in (4, 8):
             raise ValueError(f"hybrid_bits must be 4 or 8, got {hybrid_bits}")
         if not 0.0 <= float(hybrid_cap) <= 1.0:
@@ -174,7 +243,7 @@ class HybridAdamW(torch.optim.Optimizer):
                         hybrid_bits=hybrid_bits, hybrid_cap=hybrid_cap, gate_every=gate_every,
                         gate_promote=gate_promote, gate_demote=gate_demote,
                         min_quant_numel=min_quant_numel, quantize_all=quantize_all,
-                        check_finite=check_finite)
+                        high_precision_tier=high_precision_tier, check_finite=check_finite)
         self._seed = int(seed)
         self._implementation = implementation
         super().__init__(params, defaults)
@@ -185,6 +254,8 @@ class HybridAdamW(torch.optim.Optimizer):
         g = self.param_groups[-1]
         if g["state_precision"] not in TIERS:
             raise ValueError(f"state_precision={g['state_precision']!r}; expected one of {TIERS}")
+        if g.get("high_precision_tier", "fp32") not in TIERS:
+            raise ValueError(f"high_precision_tier={g['high_precision_tier']!r}; expected one of {TIERS}")
         self._tensorize(g)
 
     @staticmethod
@@ -200,12 +271,10 @@ class HybridAdamW(torch.optim.Optimizer):
 
     # -- per-parameter set-up -------------------------------------------------
     def _tier_for(self, g: dict, p: Tensor, name: str | None) -> str:
-        sp = g["state_precision"]
-        if sp in ("fp32", "bf16") or g["quantize_all"]:
-            return sp
-        if p.ndim < 2 or p.numel() < g["min_quant_numel"] or _is_high_precision_name(name):
-            return "fp32"
-        return sp
+        return tier_for(name, p.shape, g["state_precision"], quantize_all=g["quantize_all"],
+                        min_quant_numel=g["min_quant_numel"],
+                        # a state dict saved before the option existed has no key: today's default
+                        high_precision_tier=g.get("high_precision_tier", "fp32"))
 
     def _init_state(self, g: dict, p: Tensor, name: str | None, index: int) -> dict:
         tier = self._tier_for(g, p, name)  # from the global shape: same tier on every rank
@@ -352,4 +421,29 @@ class HybridAdamW(torch.optim.Optimizer):
             if st["tier"] == "hybrid":
                 out["hybrid_fp32_blocks"] = out.get("hybrid_fp32_blocks", 0) + int((st["slot"] >= 0).sum())
                 out["hybrid_blocks"] = out.get("hybrid_blocks", 0) + st["slot"].numel()
+        return out
+
+    def state_layout(self) -> list[tuple[str | None, str, tuple[int, ...]]]:
+        """(name, tier, bytes of each state tensor) for every trainable parameter this
+        optimizer holds, in group order: the tensors it holds now where the parameter
+        has state, else those its first step will allocate (same :func:`tier_for` and
+        ``init_state``, measured on meta). Includes the two 0-d fp32 counters per
+        parameter; sizes are of the calling rank's shard for DTensors. This is what
+        the memory planner counts for an optimizer instance."""
+        out = []
+        for g in self.param_groups:
+            names = g.get("param_names")
+            for i, p in enumerate(g["params"]):
+                if not p.requires_grad:
+                    continue
+                name = names[i] if names else None
+                st = self.state.get(p)
+                if st:
+                    sizes = tuple(state_nbytes({k: v}) for k, v in st.items() if isinstance(v, Tensor))
+                    out.append((name, st["tier"], sizes))
+                    continue
+                tier = self._tier_for(g, p, name)
+                sizes = state_tensor_nbytes(tier, _local(p).numel(), hybrid_bits=g["hybrid_bits"],
+                                            hybrid_cap=g["hybrid_cap"]) + (4, 4)  # step, nonfinite_skips
+                out.append((name, tier, sizes))
         return out
