@@ -33,7 +33,7 @@ materialize them, and are reported as unavailable.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -307,8 +307,11 @@ def minimum_plan(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Stat
     baseline's saved bytes."""
     base = predict(joint, num_fwd_outputs, static)
     best: tuple[dict[str, str], Timeline] = ({}, base)
-    cands = [solve(joint, num_fwd_outputs, 2**62, dev, force_recompute=True)]
-    cands += [solve(joint, num_fwd_outputs, int(base.saved_bytes * f), dev) for f in (0.5, 0.25)]
+    devs = [dev, replace(dev, offload=False)] if dev.offload else [dev]
+    cands = []
+    for d in devs:  # with and without offload: the minimum can only go down with it
+        cands += [solve(joint, num_fwd_outputs, 2**62, d, force_recompute=True)]
+        cands += [solve(joint, num_fwd_outputs, int(base.saved_bytes * f), d) for f in (0.5, 0.25)]
     for dec in cands:
         if not dec:
             continue
@@ -427,6 +430,12 @@ def plan(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Static, budg
             best = (dec, tl, done)
             break
         limit -= (tl.peak - budget) + 2**20
+    if best is None and dev.offload and not force_offload:
+        # the time-optimal plans with offload did not fit: plan as without it before giving up
+        try:
+            return plan(joint, num_fwd_outputs, static, budget, replace(dev, offload=False), max_rounds)
+        except InfeasibleBudget:
+            pass
     if best is None:
         _, mtl = minimum_plan(joint, num_fwd_outputs, static, dev)
         bd, text = _breakdown(static, mtl)

@@ -1,0 +1,238 @@
+"""Offload to pinned host memory: the scheduler's cost model and choice (offload when
+cheaper than recompute under the given rates, not otherwise), the predicted timeline
+(offloaded bytes off the device between copy-out and copy-in), the
+offload_activations / reload_activations passes (copy nodes placed after the last
+forward use / before the first backward use) and numerics unchanged by them."""
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.testing import FileCheck
+
+import unsloth_fx.backend as backend
+from unsloth_fx.memory import model as M
+from unsloth_fx.memory import schedule as S
+from unsloth_fx.memory.trace import trace_function
+from unsloth_fx.pass_base import PassContext, get_pass
+from unsloth_fx.options import Options
+from unsloth_fx.passes.offload_activations import AWAIT, OFFLOAD, RELOAD, offload_forward, reload_backward
+
+N, D = 64, 32  # a = x @ w1 is 64 x 32 fp32 = 8192 bytes; its matmul is 2*64*32*32 = 131072 FLOP
+
+
+def _mm_sin_mm():
+    def f(w1, w2, x):
+        a = x @ w1
+        b = torch.sin(a)  # sin's backward reads a
+        return (b @ w2).sum()  # the matmul's backward reads b
+
+    torch.manual_seed(0)
+    args = [torch.randn(D, D, requires_grad=True), torch.randn(D, D, requires_grad=True), torch.randn(N, D)]
+    joint, nfwd = trace_function(f, args, {0: "w1", 1: "w2"})
+    return f, args, joint, nfwd
+
+
+def _mm_node(joint):
+    return next(n for n in joint.graph.nodes if n.op == "call_function" and n.name == "mm")
+
+
+def test_cost_model_by_hand():
+    _, _, joint, nfwd = _mm_sin_mm()
+    dev = S.DeviceModel(flops_per_s=1e9, h2d_bytes_per_s=1e7, d2h_bytes_per_s=2e7)
+    # copy out at 2e7 B/s and back at 1e7 B/s: 8192/2e7 + 8192/1e7 seconds
+    assert S.transfer_seconds(8192, dev) == pytest.approx(4.096e-4 + 8.192e-4)
+    assert S.exposed_seconds(8192, 1e-4, dev) == pytest.approx(4.096e-4 + 8.192e-4 - 1e-4)
+    assert S.exposed_seconds(8192, 1.0, dev) == 0.0  # hidden behind a long window
+    # recomputing a = x @ w1: 131072 FLOP at 1e9 FLOP/s (memory traffic is 5 orders smaller)
+    assert S.node_seconds(_mm_node(joint), dev) == pytest.approx(131072 / 1e9)
+    w = S.offload_windows(joint, nfwd, dev)
+    # a is read by backward; its window (forward after sin, backward before sin's grad) holds the
+    # second matmul (131072 FLOP) at least, and is shorter than the whole step
+    assert w["mm"] >= 131072 / 1e9 and w["mm"] < S.step_seconds(joint, dev)
+
+
+def test_solver_offloads_when_cheaper_than_recompute():
+    _, _, joint, nfwd = _mm_sin_mm()
+    # transfer 2 * 8192 / 1e9 = 1.6e-5 s < recompute 1.3e-4 s: nothing may stay on the device (limit 0)
+    dev = S.DeviceModel(flops_per_s=1e9, h2d_bytes_per_s=1e9, d2h_bytes_per_s=1e9)
+    dec = S.solve(joint, nfwd, 0, dev)
+    assert dec["mm"] == "offload"
+    assert "save" not in dec.values()
+
+
+def test_solver_recomputes_when_the_link_is_too_slow():
+    _, _, joint, nfwd = _mm_sin_mm()
+    # transfer 2 * 8192 / 1e7 = 1.6e-3 s, minus a window of a few 1.3e-4 s matmuls, > recompute 1.3e-4 s
+    dev = S.DeviceModel(flops_per_s=1e9, h2d_bytes_per_s=1e7, d2h_bytes_per_s=1e7)
+    w = S.offload_windows(joint, nfwd, dev)["mm"]
+    assert S.exposed_seconds(8192, w, dev) > S.node_seconds(_mm_node(joint), dev)
+    dec = S.solve(joint, nfwd, 0, dev)
+    assert dec["mm"] == "recompute" and "offload" not in dec.values()
+    # and with offload switched off the fast link changes nothing either
+    off = S.solve(joint, nfwd, 0, S.DeviceModel(flops_per_s=1e9, h2d_bytes_per_s=1e12, d2h_bytes_per_s=1e12,
+                                                offload=False))
+    assert "offload" not in off.values()
+
+
+def test_loose_budget_offloads_nothing():
+    _, _, joint, nfwd = _mm_sin_mm()
+    static = M.static_from_graph(joint, "sgd")
+    base = M.predict(joint, nfwd, static)
+    p = S.plan(joint, nfwd, static, base.peak, S.DeviceModel(h2d_bytes_per_s=1e15, d2h_bytes_per_s=1e15))
+    assert not p.modified and not p.decisions and p.offloaded_bytes == 0
+
+
+def _gap_live(tl):
+    """Device bytes live at the forward/backward boundary (last forward event)."""
+    return [e for e in tl.events if e.phase == "forward"][-1].live_bytes
+
+
+def test_predicted_timeline_drops_offloaded_bytes_between_copy_out_and_copy_in():
+    _, _, joint, nfwd = _mm_sin_mm()
+    static = M.static_from_graph(joint, "sgd")
+    base = M.predict(joint, nfwd, static)
+    dev = S.DeviceModel(flops_per_s=1e9)
+    p = S.plan(joint, nfwd, static, None, dev, force_offload={"mm"})
+    assert p.decisions == {"mm": "offload"} and p.offloaded_bytes == 8192
+    assert p.timeline.saved_bytes == base.saved_bytes - 8192
+    assert _gap_live(p.timeline) == _gap_live(base) - 8192
+    ev = [e for e in p.timeline.events if e.decision == "offload"]
+    # a is allocated in forward, freed there (after sin), allocated again at its reload in backward
+    assert [(e.phase, e.kind, e.bytes) for e in ev][:3] == [("forward", "alloc", 8192), ("forward", "free", 8192),
+                                                          ("backward", "alloc", 8192)]
+    assert p.timeline.peak <= base.peak
+    doc = json.loads(S.__dict__["format_bytes"] and __import__("unsloth_fx.memory.report", fromlist=["to_json"])
+                     .to_json(p.timeline, decisions=p.decisions))
+    assert doc["decisions"] == {"mm": "offload"} and any(e["decision"] == "offload" for e in doc["events"])
+
+
+def test_tight_budget_offloads_when_recompute_is_dear_and_not_otherwise():
+    def fresh():
+        f, args = _chain(["sin", "matmul", "sin", "matmul"], n=64, d=32)
+        return trace_function(f, args, {0: "w1", 1: "w2"})
+
+    joint, nfwd = fresh()
+    static = M.static_from_graph(joint, "sgd")
+    budget = M.predict(joint, nfwd, static).peak - 4096
+    # compute (and memory traffic) slow, host link at the default 25 GB/s: the plan offloads and fits
+    dear = S.plan(joint, nfwd, static, budget, S.DeviceModel(flops_per_s=1e6, mem_bytes_per_s=1e6))
+    assert dear.feasible and dear.timeline.peak <= budget
+    assert "offload" in dear.decisions.values() and dear.offloaded_bytes > 0 and dear.offload_s > 0
+    # a slow link: the same budget is met without offloading
+    joint, nfwd = fresh()
+    slow = S.plan(joint, nfwd, static, budget, S.DeviceModel(flops_per_s=1e6, mem_bytes_per_s=1e6,
+                                                              h2d_bytes_per_s=1e3, d2h_bytes_per_s=1e3))
+    assert slow.timeline.peak <= budget and "offload" not in slow.decisions.values()
+
+
+# ---------------------------------------------------------------- execution
+
+
+def _run(joint, nfwd, args, offload: bool):
+    """Partition ``joint``, apply the offload transforms (tags decide), run on real tensors."""
+    fw, bw = M.partition(joint, nfwd)
+    done = offload_forward(fw, nfwd) if offload else {}
+    reload_backward(bw, done)
+    outs = fw(*args)
+    fw_out = next(n for n in fw.graph.nodes if n.op == "output").args[0]
+    by_name = {a.name: v for a, v in zip(fw_out, outs) if isinstance(a, torch.fx.Node)}
+    bw_args = [torch.ones(()) if n.name.startswith("tangents") else by_name[n.name]
+               for n in bw.graph.nodes if n.op == "placeholder"]
+    grads = bw(*bw_args)
+    return outs[0], [g for g in grads if g is not None], done
+
+
+def _chain(ops, n=16, d=24):
+    def f(w1, w2, x):
+        h = x @ w1
+        for i, op in enumerate(ops):
+            h = h @ (w1 if i % 2 == 0 else w2) if op == "matmul" else getattr(torch, op)(h)
+        return (h @ w2).pow(2).sum()
+
+    torch.manual_seed(0)
+    args = [torch.randn(d, d) * 0.3, torch.randn(d, d) * 0.3, torch.randn(n, d)]
+    return f, [a.requires_grad_(i < 2) for i, a in enumerate(args)]
+
+
+@settings(max_examples=10, deadline=None)
+@given(ops=st.lists(st.sampled_from(["matmul", "sin", "tanh", "relu"]), min_size=1, max_size=5),
+       frac=st.floats(0.0, 1.0), link=st.sampled_from([1e6, 1e9, 1e12]))
+def test_feasible_plans_with_offload_fit_and_keep_numerics(ops, frac, link):
+    f, args = _chain(ops)
+    joint, nfwd = trace_function(f, args, {0: "w1", 1: "w2"})
+    static = M.static_from_graph(joint, "sgd")
+    base = M.predict(joint, nfwd, static)
+    dev = S.DeviceModel(flops_per_s=1e9, h2d_bytes_per_s=link, d2h_bytes_per_s=link)
+    budget = int(base.peak * (0.7 + 0.3 * frac))
+    try:
+        plan = S.plan(joint, nfwd, static, budget, dev)
+    except S.InfeasibleBudget as e:
+        assert budget < e.smallest_feasible
+        return
+    assert plan.feasible and plan.timeline.peak <= budget
+    loss, grads, done = _run(joint, nfwd, args, offload=True)
+    assert set(done) == {k for k, v in plan.decisions.items() if v == "offload"}
+    ref_args = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+    ref = f(*ref_args)
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, [a.grad for a in ref_args if a.requires_grad]):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def _f(w1, w2, x):
+    h = torch.relu(x @ w1)
+    return (torch.sin(h) @ w2).pow(2).sum()
+
+
+def test_passes_move_the_values_and_leave_numerics_unchanged(tmp_path):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    w1, w2, x = torch.randn(24, 24, requires_grad=True), torch.randn(24, 24, requires_grad=True), torch.randn(16, 24)
+    ref = _f(w1, w2, x)
+    ref.backward()
+    g_ref = [w1.grad.clone(), w2.grad.clone()]
+    w1.grad = w2.grad = None
+    opts = {"lower": "eager", "dump": str(tmp_path), "pipeline": "default,plan_memory{force_offload=relu+mm_1}"}
+    out = torch.compile(_f, backend="unsloth", options=opts)(w1, w2, x)
+    out.backward()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(w1.grad, g_ref[0], rtol=0, atol=0)
+    torch.testing.assert_close(w2.grad, g_ref[1], rtol=0, atol=0)
+    ctx, fw, bw = backend.LAST["ctx"], backend.LAST["forward"], backend.LAST["backward"]
+    assert ctx.stats["joint"]["plan_memory"]["offload"] == 2
+    assert sorted(ctx.stats["forward"]["offload_activations"]["offloaded"]) == ["mm_1", "relu"]
+    assert sorted(ctx.stats["backward"]["reload_activations"]["reloaded"]) == ["mm_1", "relu"]
+    # forward: relu is copied out after its last forward use (sin) and the host copy is returned
+    FileCheck().check("relu = ").check("sin = torch.ops.aten.sin").check(
+        "relu_offload = torch.ops.unsloth_fx.offload_activation.default(relu)").check(
+        "return (sum_1, relu_offload, mm_1_offload").run(fw.code)
+    # backward: reload (prefetch) before the await, the await right before the first use
+    FileCheck().check("def forward(self, relu_offload, mm_1_offload").check(
+        "relu_reload = torch.ops.unsloth_fx.reload_activation.default(relu_offload").check(
+        "relu_await = torch.ops.unsloth_fx.await_activation.default(relu_reload)").check_next(
+        "cos = torch.ops.aten.cos.default(relu_await)").run(bw.code)
+    host = next(n for n in bw.graph.nodes if n.name == "relu_offload")
+    assert [u.target for u in host.users] == [RELOAD]
+    assert all(n.target is not OFFLOAD for n in bw.graph.nodes) and any(n.target is AWAIT for n in bw.graph.nodes)
+    # idempotent: a second run of either pass changes nothing
+    pctx = PassContext(options=Options.from_user({}), num_fwd_outputs=ctx.num_fwd_outputs, shared=dict(ctx.shared))
+    assert get_pass("offload_activations").run(fw, pctx).modified is False
+    assert get_pass("reload_activations").run(bw, pctx).modified is False
+    # the schedule records the decision
+    doc = json.loads(next(tmp_path.glob("graph_*/memory_schedule.json")).read_text())
+    assert doc["decisions"] == {"relu": "offload", "mm_1": "offload"}
+    assert {e["node"] for e in doc["events"] if e["decision"] == "offload"} >= {"relu", "relu_reload"}
+
+
+def test_no_offload_decision_leaves_the_graphs_alone():
+    torch._dynamo.reset()
+    w1, w2, x = torch.randn(8, 8, requires_grad=True), torch.randn(8, 8, requires_grad=True), torch.randn(4, 8)
+    torch.compile(_f, backend="unsloth", options={"lower": "eager"})(w1, w2, x).backward()
+    st = backend.LAST["ctx"].stats
+    assert st["forward"]["offload_activations"]["modified"] is False
+    assert st["backward"]["reload_activations"]["modified"] is False
+    assert all(n.target not in (OFFLOAD, RELOAD, AWAIT) for n in backend.LAST["backward"].graph.nodes)
