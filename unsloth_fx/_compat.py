@@ -251,3 +251,19 @@ def unset_fake_mode() -> Any:
 # Graph-target types and pattern keys (private modules, public in practice).
 OpOverload = torch._ops.OpOverload
 LINEAR_TARGETS = frozenset({torch._C._nn.linear, torch.nn.functional.linear})
+
+
+def dispatch_mode_active() -> bool:
+    """Whether any TorchDispatchMode (fake, proxy/make_fx, functionalization) is on the stack:
+    then a call must go through the registered op so the mode sees it. Private in torch 2.11-2.14."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode() is not None
+
+
+def inductor_output_code(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, list[str]]:
+    """(fn(*args, **kwargs), the Python source of every graph Inductor lowered meanwhile).
+    Resets Dynamo first. Private in torch 2.11-2.14 (``torch._inductor.utils.run_and_get_code``)."""
+    from torch._inductor.utils import run_and_get_code
+
+    return run_and_get_code(fn, *args, **kwargs)

@@ -316,14 +316,19 @@ class HybridAdamW(torch.optim.Optimizer):
                 self._step_param(g, p, grad, st)
         return loss
 
-    def _step_param(self, g: dict, p: Tensor, grad: Tensor, st: dict) -> None:
+    def _step_param(self, g: dict, p: Tensor, grad: Tensor, st: dict, grad_norm: Tensor | None = None) -> None:
         sharded = p
         p, grad = _local(p), _local(grad)
         dev = p.device
         h = [x if x.device == dev else x.to(dev) for x in (g["lr"], *g["betas"], g["eps"], g["weight_decay"])]
         found_inf = None
         if g["check_finite"]:
-            found_inf = torch.logical_not(torch.isfinite(grad).all()).to(torch.float32)
+            # One read of the gradient, no temporary: the fp32 L2 norm is non-finite iff the
+            # gradient holds a NaN/inf (or its norm overflows fp32, > 1.8e19: treated as non-finite).
+            # isfinite(grad).all() would allocate a bool tensor the size of the gradient.
+            if grad_norm is None:
+                grad_norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+            found_inf = torch.logical_not(torch.isfinite(grad_norm)).to(torch.float32)
             found_inf = _all_ranks_flag(found_inf, sharded)
             st["nonfinite_skips"].add_(found_inf)
             st["step"].add_(1.0 - found_inf)
@@ -355,11 +360,12 @@ class HybridAdamW(torch.optim.Optimizer):
                                                  promote=g["gate_promote"], demote=g["gate_demote"])
 
     @torch.no_grad()
-    def step_param(self, p: Tensor, grad: Tensor) -> None:
+    def step_param(self, p: Tensor, grad: Tensor, grad_norm: Tensor | None = None) -> None:
         """Update one parameter now with ``grad``, exactly as :meth:`step` would
         (same state set-up, seed, step count, gate); ``p.grad`` is not read.
         The fused backward (``unsloth_fx.fusion``) calls this for each parameter
-        as soon as its gradient is final; ``step()`` then skips it (grad None)."""
+        as soon as its gradient is final; ``step()`` then skips it (grad None).
+        ``grad_norm``: the gradient's fp32 L2 norm when the caller has it (saves a read)."""
         if grad.is_sparse:
             raise RuntimeError(
                 "HybridAdamW does not support sparse gradients (got one for a parameter of "
@@ -379,7 +385,7 @@ class HybridAdamW(torch.optim.Optimizer):
         if not st:
             names = g.get("param_names")
             st.update(self._init_state(g, p, names[i] if names else None, index))
-        self._step_param(g, p, grad, st)
+        self._step_param(g, p, grad, st, grad_norm)
 
     # -- state dict: byte-exact (torch's default would cast state to the param dtype)
     def load_state_dict(self, state_dict: dict) -> None:
