@@ -5,7 +5,7 @@ graph's parameters held by a ``HybridAdamW`` (bound with
 ``unsloth_fx.fusion.attach`` or found by a scan), for every trainable
 parameter primal ``W`` with gradient ``dW`` the pass inserts::
 
-    torch.ops.unsloth_fx.fused_adamw_step_(W, dW, "<fqn>", <slot>)
+    torch.ops.unsloth_fx.fused_adamw_step_(W, dW, "<fqn>", <slot>, [<after>...])
 
 and replaces ``dW`` in the joint graph's outputs with ``None``: the backward
 graph returns no gradient for ``W``, autograd accumulates nothing and
@@ -21,6 +21,18 @@ as a read of ``W``: the update goes after the last backward node that
 consumes any of them. The op mutates ``W`` (``mutates_args``), so the
 partitioner keeps it in backward (impure nodes survive dead-code
 elimination) and saves ``W`` for backward (free: it is a parameter).
+
+Ordering for a lowering. The op's last argument, ``after``, lists the
+backward values computed before the update that depend on ``W``'s old value
+(transitively, through anything but a matmul, whose output is always a
+materialized buffer) and are still used after it. The op ignores them; they
+are data dependencies. Without them Inductor computes a wrong gradient: it
+keeps a pointwise value such as ``dh * W`` (RMSNorm backward) unmaterialized,
+registers the mutating op, and only then materializes the pending readers of
+``W`` (``mark_buffer_mutated``), so the kernel that reads ``W`` runs after
+the update (torch 2.13, ``ExternKernelAlloc.__init__`` registers the op before
+``FallbackKernel`` creates its ``MutationOutput``). Inputs of an extern op are
+materialized before it, which restores the order.
 
 Deterministic (graph order; ties by primal index) and idempotent (a primal
 whose gradient output is already ``None`` is left alone).
@@ -91,6 +103,56 @@ def _last_reads(graph: torch.fx.Graph, primals: list[torch.fx.Node]) -> tuple[di
     return pos, last
 
 
+# ops whose output is a materialized buffer under every lowering (Inductor: extern kernels), so a
+# value computed from it holds no pending read of a parameter; dependence stops there
+_MATERIALIZING = frozenset({"aten.mm", "aten.bmm", "aten.addmm", "aten.baddbmm"})
+
+
+def _materializes(n: torch.fx.Node) -> bool:
+    packet = getattr(n.target, "_overloadpacket", None)
+    return packet is not None and str(packet) in _MATERIALIZING
+
+
+def _pending_reads(graph: torch.fx.Graph, primals: list[torch.fx.Node]) -> tuple[dict[torch.fx.Node, int], set]:
+    """({node: bitmask of primals whose old value it may still read lazily}, backward nodes).
+
+    Transitive through every op except the materializing ones; an over-approximation (it can
+    only add ordering arguments, never drop a needed one)."""
+    bit = {n: i for i, n in enumerate(primals)}
+    dep: dict[torch.fx.Node, int] = {}
+    bw: set[torch.fx.Node] = set()
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            if n.name.startswith("tangents"):
+                bw.add(n)
+            elif n in bit:
+                dep[n] = 1 << bit[n]
+            continue
+        if n.op == "output":
+            break
+        ins = n.all_input_nodes
+        if any(a in bw for a in ins):
+            bw.add(n)
+        if _materializes(n):
+            continue
+        mask = 0
+        for a in ins:
+            mask |= dep.get(a, 0)
+        if mask:
+            dep[n] = mask
+    return dep, bw
+
+
+def _live_across(graph: torch.fx.Graph, pos: dict, dep: dict, bw: set, i: int, at: int) -> list[torch.fx.Node]:
+    """Backward nodes at or before position ``at`` that may read primal ``i`` lazily and have a
+    user after ``at``: what must be computed before an update of primal ``i`` placed after ``at``."""
+    out = []
+    for n, mask in dep.items():
+        if n in bw and mask >> i & 1 and pos[n] <= at and any(pos[u] > at for u in n.users):
+            out.append(n)
+    return sorted(out, key=pos.__getitem__)
+
+
 @graph_pass(name="fuse_optimizer", stage="joint")
 def fuse_optimizer(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Insert the in-backward optimizer update for each trainable parameter and drop its gradient output."""
@@ -133,6 +195,7 @@ def fuse_optimizer(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         return PassResult(gm, False, stats)
 
     pos, last = _last_reads(graph, primals)
+    dep, bw = _pending_reads(graph, primals)
     order = list(graph.nodes)
     after: dict[int, list[int]] = {}
     for i, info, b in candidates:
@@ -144,8 +207,10 @@ def fuse_optimizer(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         anchor = order[at]
         for i in sorted(after[at], reverse=True):  # inserting_after reverses: keep primal order
             info, b = by_index[i]
+            live = _live_across(graph, pos, dep, bw, i, at)
             with graph.inserting_after(anchor):
-                node = graph.call_function(op, (primals[i], grads[i], info.name, fusion.slot_for(info.tensor, b)))
+                node = graph.call_function(op, (primals[i], grads[i], info.name, fusion.slot_for(info.tensor, b),
+                                                live))
             node.meta["val"] = None
             _compat.tag_must_be_in_backward(node)
             rec = ufx(node)

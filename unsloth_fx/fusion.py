@@ -3,7 +3,7 @@
 ``attach(model_or_params, optimizer, clip=..., max_norm=..., accumulation_steps=...)``
 binds a :class:`~unsloth_fx.optim.HybridAdamW` to the parameters it holds. A model
 compiled with ``options={"fuse_optimizer": True}`` then calls
-``torch.ops.unsloth_fx.fused_adamw_step_(param, grad, name, slot)`` in its backward
+``torch.ops.unsloth_fx.fused_adamw_step_(param, grad, name, slot, after)`` in its backward
 graph for each bound parameter, right after the parameter's gradient is final;
 the graph returns no gradient for it, so ``param.grad`` stays ``None``.
 Without ``attach``, the pass looks for a live ``HybridAdamW`` holding the
@@ -211,9 +211,16 @@ def _end_step(b: Binding) -> None:
 # --------------------------------------------------------------------------
 
 @torch.library.custom_op("unsloth_fx::fused_adamw_step_", mutates_args=("param",))
-def fused_adamw_step_(param: Tensor, grad: Tensor, name: str, slot: int) -> None:
+def fused_adamw_step_(param: Tensor, grad: Tensor, name: str, slot: int, after: list[Tensor]) -> None:
     """Update parameter ``slot`` (``name`` is for people reading the graph) with
-    ``grad`` through its bound optimizer, in place; see the module doc."""
+    ``grad`` through its bound optimizer, in place; see the module doc.
+
+    ``after``: values that must be computed before the update; the op never
+    reads them. They are the backward values that depend on ``param``'s old
+    value and are still used after the update. Making them inputs forces a
+    lowering to compute them first: Inductor otherwise inlines a pending
+    pointwise read of ``param`` into a kernel it schedules after the mutation
+    (see docs/fuse_optimizer.md, "Inductor")."""
     b, ref = _SLOTS[slot]
     p = ref()
     opt = b.optimizer
@@ -248,7 +255,7 @@ def fused_adamw_step_(param: Tensor, grad: Tensor, name: str, slot: int) -> None
 
 
 @fused_adamw_step_.register_fake
-def _(param, grad, name, slot):
+def _(param, grad, name, slot, after):
     return None
 
 
