@@ -18,7 +18,9 @@ linear_cross_entropy.patch_causal_lm(model)`` removes that output in training.
 
 Chunk count: ``ctx.shared["memory_plan"]`` when a planner left one with a
 chunk count for ``lm_head`` (see ``chunk_recompute.planned_chunks``), else the
-``chunks`` option; ``chunk_size > 0`` fixes the tokens per chunk instead.
+``chunks`` option: an int, or ``"auto"`` (from the logits bytes and the
+``memory_budget``, see ``chunk_recompute.resolve_chunks``); ``chunk_size > 0``
+fixes the tokens per chunk instead.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch.fx
 
 import unsloth_fx.runtime.linear_cross_entropy  # noqa: F401  (registers torch.ops.unsloth_fx.linear_cross_entropy)
 from unsloth_fx.pass_base import PassContext, PassResult, graph_pass, ufx
-from unsloth_fx.passes.chunk_recompute import planned_chunks
+from unsloth_fx.passes.chunk_recompute import parse_chunks, resolve_chunks
 
 _LINEAR = _compat.LINEAR_TARGETS
 _CE = {torch.nn.functional.cross_entropy}
@@ -91,13 +93,27 @@ def _match(ce: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.Node]] | str
     return x, chain
 
 
-@graph_pass(name="fuse_linear_cross_entropy", stage="pre_grad", options={"chunks": 4, "chunk_size": 0})
-def fuse_linear_cross_entropy(gm: torch.fx.GraphModule, ctx: PassContext, chunks: int, chunk_size: int) -> PassResult:
+def logit_bytes(dtype: torch.dtype) -> int:
+    """Bytes one logit takes inside the op: the fp32 copy, plus the weight-dtype product when that is not
+    fp32 (``(h @ W.T).float()``)."""
+    size = torch.empty((), dtype=dtype, device="meta").element_size()
+    return 4 + (0 if dtype == torch.float32 else size)
+
+
+@graph_pass(name="fuse_linear_cross_entropy", stage="pre_grad", options={"chunks": "4", "chunk_size": 0})
+def fuse_linear_cross_entropy(gm: torch.fx.GraphModule, ctx: PassContext, chunks: Any, chunk_size: int) -> PassResult:
     """Replace ``cross_entropy(linear(h, W).float().view(-1, V), y)`` with the chunked
-    ``unsloth_fx.linear_cross_entropy`` op; stats: ``fused``, ``chunks``, ``skipped`` (reasons)."""
-    if chunks < 1 or chunk_size < 0:
-        raise ValueError(f"fuse_linear_cross_entropy: chunks={chunks} must be >= 1 and chunk_size={chunk_size} >= 0")
-    chunks = planned_chunks(ctx, "lm_head", chunks)
+    ``unsloth_fx.linear_cross_entropy`` op; stats: ``fused``, ``chunks`` (the last op's count),
+    ``chunks_per_region``, ``auto`` (how "auto" chose, per region), ``skipped`` (reasons).
+
+    ``chunks``: an int >= 1 or ``"auto"``: the smallest count whose chunk logits
+    (``ceil(tokens / k) * vocab * logit_bytes(dtype)``) fit ``AUTO_FRACTION`` of the budget headroom
+    (``chunk_recompute.resolve_chunks``)."""
+    if chunk_size < 0:
+        raise ValueError(f"fuse_linear_cross_entropy: chunk_size={chunk_size} must be >= 0")
+    option = parse_chunks(chunks, "fuse_linear_cross_entropy")
+    per_region: dict[str, int] = {}
+    auto: dict[str, Any] = {}
     fused, skipped = 0, []
     g = gm.graph
     for ce in list(g.nodes):
@@ -111,6 +127,15 @@ def fuse_linear_cross_entropy(gm: torch.fx.GraphModule, ctx: PassContext, chunks
         hidden, weight, target = lin.args[0], lin.args[1], ce.args[1]
         hv, wv = _val(hidden), _val(weight)
         grad = bool(getattr(hv, "requires_grad", True) or getattr(wv, "requires_grad", True))
+        rid = f"lm_head_ce_{fused}"
+        tokens, per_token = 1, 0
+        if isinstance(hv, torch.Tensor) and isinstance(wv, torch.Tensor) and hv.dim() >= 1:
+            tokens = _compat.symint_hint(hv.numel() // max(1, hv.shape[-1]))[0] or 1
+            per_token = (_compat.symint_hint(wv.shape[0])[0] or 0) * logit_bytes(wv.dtype)
+        chunks, info = resolve_chunks(ctx, "lm_head", option, tokens, per_token, "fuse_linear_cross_entropy")
+        per_region[rid] = chunks
+        if info["source"] == "auto":
+            auto[rid] = info
         args = (hidden, weight, target, int(_kw(ce, "ignore_index", 4, -100)), chunks, chunk_size,
                 str(_kw(ce, "reduction", 6, "mean")), grad)
         with g.inserting_before(ce):
@@ -120,7 +145,7 @@ def fuse_linear_cross_entropy(gm: torch.fx.GraphModule, ctx: PassContext, chunks
         for n in (op, loss):
             n.meta["stack_trace"] = lin.meta.get("stack_trace")
             rec = ufx(n)
-            rec.region, rec.decision = f"lm_head_ce_{fused}", "chunk"
+            rec.region, rec.decision = rid, "chunk"
             rec.notes.update(chunks=chunks, chunk_size=chunk_size, pattern="linear+cross_entropy")
         ce.replace_all_uses_with(loss)
         g.erase_node(ce)
@@ -131,7 +156,11 @@ def fuse_linear_cross_entropy(gm: torch.fx.GraphModule, ctx: PassContext, chunks
     if fused:
         g.lint()
         gm.recompile()
-    return PassResult(gm, fused > 0, {"fused": fused, "chunks": chunks, "chunk_size": chunk_size, "skipped": skipped})
+    stats = {"fused": fused, "chunks": per_region[f"lm_head_ce_{fused - 1}"] if fused else option,
+             "chunk_size": chunk_size, "chunks_per_region": per_region, "skipped": skipped}
+    if auto:
+        stats["auto"] = auto
+    return PassResult(gm, fused > 0, stats)
 
 
 def _fake_values(op: torch.fx.Node, loss: torch.fx.Node, args: tuple) -> None:

@@ -1,5 +1,5 @@
-"""Chunked recompute regions: ``split_token_chunks`` (pre_grad) splits gated MLPs into
-token chunks, ``chunk_recompute`` (joint) tags each chunk's forward intermediates
+"""Chunked recompute regions: ``split_token_chunks`` (pre_grad) splits gated MLPs and
+token-wise MoE blocks (DeepSeek-V3: router, routed and shared experts) into token chunks, ``chunk_recompute`` (joint) tags each chunk's forward intermediates
 MUST_RECOMPUTE. Specification: same loss and gradients as unchunked; the
 forward saves no chunk intermediate; in the backward graph chunk k's recomputed
 activations die before chunk k+1's are made."""
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import unsloth_fx.backend as backend
 from unsloth_fx.options import Options
-from unsloth_fx.pass_base import PassContext, get_pass
+from unsloth_fx.pass_base import PassContext, get_pass, ufx
 from unsloth_fx.passes.chunk_recompute import chunk_order_violations
 from unsloth_fx.runtime.linear_cross_entropy import patch_causal_lm
 from unsloth_fx.zoo import build_model
@@ -46,8 +46,10 @@ def _saved_chunk_intermediates(fw):
         a.meta.get("ufx"), "decision", None) == "chunk"]
 
 
-@pytest.mark.parametrize("name,regions", [("tiny-qwen2", 2), ("tiny-llama", 2), ("tiny-deepseek-v3", 2)])
-def test_chunked_training_step_matches_hf_and_recomputes_chunk_by_chunk(name, regions):
+@pytest.mark.parametrize("name,rids", [("tiny-qwen2", ["mlp_0", "mlp_1"]), ("tiny-llama", ["mlp_0", "mlp_1"]),
+                                      ("tiny-deepseek-v3", ["mlp_0", "moe_0"])])
+def test_chunked_training_step_matches_hf_and_recomputes_chunk_by_chunk(name, rids):
+    regions = len(rids)
     torch._dynamo.reset()
     ref, ours, ids = _pair(name)
     loss, g = _step(torch.compile(ours, backend="unsloth", options={"lower": "eager", "pipeline": PIPE}), ids)
@@ -57,13 +59,21 @@ def test_chunked_training_step_matches_hf_and_recomputes_chunk_by_chunk(name, re
     for k in g_ref:
         torch.testing.assert_close(g[k], g_ref[k], **TOL, msg=lambda m: f"{k}: {m}")
     stats = backend.LAST["ctx"].stats
-    # tiny-deepseek-v3: the layer-0 dense MLP and the layer-1 shared expert; routed experts are not matched.
+    # tiny-deepseek-v3: the layer-0 dense MLP and the layer-1 MoE block (router, routed and shared experts).
     assert stats["pre_grad"]["split_token_chunks"]["regions"] == regions
-    assert set(stats["joint"]["chunk_recompute"]["chunks_per_region"].values()) == {3}
+    assert "skipped" not in stats["pre_grad"]["split_token_chunks"]
+    assert stats["joint"]["chunk_recompute"]["chunks_per_region"] == {r: 3 for r in rids}
     assert _saved_chunk_intermediates(backend.LAST["forward"]) == []
     assert chunk_order_violations(backend.LAST["backward"]) == []
     # Negative control: in the joint graph every chunk's forward precedes every backward, so the checker fires.
     assert len(chunk_order_violations(backend.LAST["joint"])) == 2 * regions
+    recs = [n.meta["ufx"] for n in backend.LAST["backward"].graph.nodes if getattr(n.meta.get("ufx"), "region", None)]
+    assert recs and {r.notes.get("chunks") for r in recs if r.region in rids} == {3}
+    if "moe_0" in rids:
+        # The routed experts' grouped GEMMs are recomputed in the backward, once per chunk.
+        bw = backend.LAST["backward"].graph.nodes
+        assert sorted(n.meta["ufx"].chunk for n in bw if "grouped_mm_fallback." in str(n.target)
+                      and getattr(n.meta.get("ufx"), "decision", None) == "chunk") == [0, 0, 1, 1, 2, 2]
 
 
 class GatedMLP(torch.nn.Module):
@@ -108,7 +118,7 @@ def test_passes_are_idempotent():
     ctx = PassContext(options=Options(), stage="pre_grad")
     split = get_pass("split_token_chunks")
     first = split.run(graphs[0], ctx, chunks=4)
-    assert first.modified and first.stats == {"regions": 2, "chunks": 4}
+    assert first.modified and first.stats == {"regions": 2, "chunks": 4, "chunks_per_region": {"mlp_0": 4, "mlp_1": 4}}
     assert not split.run(first.graph_module, ctx, chunks=4).modified
 
     torch._dynamo.reset()
@@ -123,3 +133,99 @@ def test_bad_chunk_count_is_rejected():
     with pytest.raises(ValueError, match="chunks=0 must be >= 1"):
         get_pass("split_token_chunks").run(torch.fx.symbolic_trace(torch.nn.Identity()),
                                            PassContext(options=Options()), chunks=0)
+
+
+def _dynamo_graph(model, *args, **kwargs):
+    graphs = []
+    torch._dynamo.reset()
+    torch.compile(model, backend=lambda gm, ex: graphs.append(gm) or gm.forward)(*args, **kwargs)
+    return graphs[0]
+
+
+def test_moe_block_is_left_alone_when_a_token_count_equals_a_weight_dim():
+    # seq 8 with 8 routed experts: view(B, 8, H) could be the sequence or the expert count, so the shape
+    # constants cannot be rewritten safely; the block stays whole. The dense MLP and, as a gated MLP of its
+    # own, the block's shared expert are still chunked.
+    _, ours, _ = _pair("tiny-deepseek-v3")
+    ids = torch.randint(0, 512, (1, 8))
+    gm = _dynamo_graph(ours, input_ids=ids, labels=ids)
+    ctx = PassContext(options=Options(), stage="pre_grad", params=backend.param_infos(gm))
+    res = get_pass("split_token_chunks").run(gm, ctx, chunks=2)
+    assert res.stats["chunks_per_region"] == {"mlp_0": 2, "mlp_1": 2}
+    assert res.stats["skipped"] == ["L['orig'].__self__.model.layers.1.mlp: token count(s) [8] also name a "
+                                    "token-independent size; cannot rewrite shape constants"]
+
+
+# --- chunks="auto" -----------------------------------------------------------------------------
+
+def test_auto_chunks_table():
+    from unsloth_fx.passes.chunk_recompute import auto_chunks
+    # (units, bytes per unit, limit) -> smallest k with ceil(units / k) * bytes <= limit, capped at units
+    assert auto_chunks(10, 128, 1250) == 2   # 9 units fit: ceil(10 / 9) = 2
+    assert auto_chunks(10, 128, 512) == 3    # 4 units fit: chunks of 4, 3, 3
+    assert auto_chunks(10, 128, 1280) == 1   # everything fits
+    assert auto_chunks(10, 128, 127) == 10   # not even one unit fits: the maximum
+    assert auto_chunks(10, 128, -5) == 10    # budget below the static bytes
+    assert auto_chunks(3, 128, 200) == 3     # sequence shorter than the count it would want
+    assert auto_chunks(0, 128, 10) == 1      # empty region
+    assert auto_chunks(7, 0, 10) == 1
+
+
+def _mlp_graph(seq=10, hidden=4, batch=1):
+    torch.manual_seed(0)
+    m = GatedMLP(hidden, 2 * hidden, F.silu)
+    return m, _dynamo_graph(m, torch.randn(batch, seq, hidden, requires_grad=True))
+
+
+@pytest.mark.parametrize("budget,k", [(10_000, 2), (5_000, 3), (100_000, 1), (1_000, 10)])
+def test_auto_chunk_count_for_an_mlp_from_the_budget(budget, k):
+    # Region intermediates per position: gate, act, up, mul = 4 x [1, 8] fp32 = 128 B. No parameters in the
+    # context, so headroom = budget and limit = budget / 8: 1250 -> 9 per chunk -> 2; 625 -> 4 -> 3;
+    # 12500 -> all 10 -> 1; 125 -> none -> 10 (= the sequence length, the cap).
+    _, gm = _mlp_graph()
+    ctx = PassContext(options=Options(memory_budget=budget), stage="pre_grad")
+    res = get_pass("split_token_chunks").run(gm, ctx, chunks="auto")
+    assert res.stats["chunks_per_region"] == {"mlp_0": k}
+    assert res.modified == (k > 1)
+    info = res.stats["auto"]["mlp_0"]
+    assert (info["bytes_per_unit"], info["units"], info["limit"]) == (128, 10, budget // 8)
+    assert ("note" in info) == (k == 10)
+    if k > 1:
+        tagged = [n for n in gm.graph.nodes if n.meta.get("custom", {}).get("ufx_chunks") is not None]
+        assert {n.meta["custom"]["ufx_chunks"] for n in tagged} == {k}
+        assert [ufx(n).notes["chunks"] for n in gm.graph.nodes if n.target in (torch.tensor_split, torch.cat)] == [k, k]
+
+
+def test_auto_subtracts_parameters_gradients_and_adam_state_and_matches_eager():
+    # Through the backend, ctx.params holds the 3 weights: 96 fp32 elements = 384 B, + 384 B gradients
+    # + 768 B AdamW moments = 1536 B static. Budget 1536 + 4096: limit 512 -> 4 positions -> 3 chunks.
+    m, _ = _mlp_graph()
+    x = torch.randn(1, 10, 4, requires_grad=True)
+    torch._dynamo.reset()
+    pipe = "split_token_chunks{chunks=auto},chunk_recompute"
+    out = torch.compile(m, backend="unsloth", options={"lower": "eager", "pipeline": pipe,
+                                                       "memory_budget": 1536 + 4096})(x)
+    info = backend.LAST["ctx"].stats["pre_grad"]["split_token_chunks"]
+    assert info["chunks_per_region"] == {"mlp_0": 3}
+    assert (info["auto"]["mlp_0"]["static_bytes"], info["auto"]["mlp_0"]["limit"]) == (1536, 512)
+    got = torch.autograd.grad(out, [x, *m.parameters()])
+    want = torch.autograd.grad(m(x), [x, *m.parameters()])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL)
+    assert chunk_order_violations(backend.LAST["backward"]) == []
+
+
+def test_auto_without_a_budget_and_bad_counts_name_the_fix():
+    _, gm = _mlp_graph()
+    with pytest.raises(ValueError, match="chunks='auto' needs a memory_budget"):
+        get_pass("split_token_chunks").run(gm, PassContext(options=Options(), stage="pre_grad"), chunks="auto")
+    with pytest.raises(ValueError, match="chunks='four' must be an int >= 1 or 'auto'"):
+        get_pass("split_token_chunks").run(gm, PassContext(options=Options()), chunks="four")
+
+
+def test_memory_plan_count_wins_over_auto():
+    _, gm = _mlp_graph()
+    ctx = PassContext(options=Options(memory_budget=1_000), stage="pre_grad")
+    ctx.shared["memory_plan"] = {"chunks": {"mlp": 2}}
+    res = get_pass("split_token_chunks").run(gm, ctx, chunks="auto")
+    assert res.stats["chunks_per_region"] == {"mlp_0": 2} and "auto" not in res.stats

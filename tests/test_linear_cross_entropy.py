@@ -259,3 +259,64 @@ def test_pass_rejects_bad_options():
     gm, inputs = _dynamo_graph(ours, ids, labels)
     with pytest.raises(ValueError, match="chunks=0 must be >= 1"):
         get_pass("fuse_linear_cross_entropy").run(gm, PassContext(options=Options(), stage="pre_grad"), chunks=0)
+
+
+# --- chunks="auto" -----------------------------------------------------------------------------
+
+class _Head(torch.nn.Module):
+    def __init__(self, hidden=8, vocab=50, dtype=torch.float32):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(hidden, vocab, bias=False, dtype=dtype)
+
+    def forward(self, h, y):
+        return F.cross_entropy(self.lm_head(h).float().view(-1, self.lm_head.out_features), y.view(-1))
+
+
+@pytest.mark.parametrize("dtype,budget,k", [
+    (torch.float32, 4_800, 4),    # 50 x 4 B = 200 B/token; limit 600 -> 3 tokens/chunk -> ceil(12/3) = 4
+    (torch.float32, 2_000, 12),   # limit 250 -> 1 token/chunk -> 12 (the token count, the cap)
+    (torch.float32, 1_000, 12),   # limit 125: not even one token fits -> the maximum, with a note
+    (torch.bfloat16, 4_800, 6),   # bf16 product + fp32 copy: 50 x 6 B = 300 B/token; 2 tokens/chunk -> 6
+    (torch.float32, 20_000, 1),   # limit 2500 >= 12 x 200 = 2400: everything fits in one chunk
+])
+def test_auto_chunk_count_for_the_lm_head_from_the_logits_bytes(dtype, budget, k):
+    # hidden [2, 6, 8] -> 12 tokens, vocab 50; no parameters in the context: headroom = budget, limit = budget/8.
+    m = _Head(dtype=dtype)
+    h, y = torch.randn(2, 6, 8, dtype=dtype), torch.randint(0, 50, (2, 6))
+    gm, inputs = _dynamo_graph_of(m, h, y)
+    ctx = PassContext(options=Options(memory_budget=budget), stage="pre_grad", example_inputs=inputs)
+    res = get_pass("fuse_linear_cross_entropy").run(gm, ctx, chunks="auto")
+    assert res.stats["fused"] == 1 and res.stats["chunks"] == k and res.stats["chunks_per_region"] == {"lm_head_ce_0": k}
+    info = res.stats["auto"]["lm_head_ce_0"]
+    assert (info["units"], info["bytes_per_unit"], info["limit"]) == (12, 50 * (4 if dtype == torch.float32 else 6),
+                                                                         budget // 8)
+    assert ("note" in info) == (budget == 1_000)
+    (op,) = [n for n in gm.graph.nodes if n.target is OP]
+    assert op.args[4] == k and ufx(op).notes["chunks"] == k
+
+
+def _dynamo_graph_of(model, *args):
+    graphs = []
+    torch._dynamo.reset()
+    torch.compile(model, backend=lambda gm, ex: graphs.append((gm, ex)) or gm.forward)(*args)
+    return graphs[0]
+
+
+def test_auto_lm_head_through_the_backend_matches_eager_and_needs_a_budget():
+    m = _Head()
+    h, y = torch.randn(2, 6, 8, requires_grad=True), torch.randint(0, 50, (2, 6))
+    y[0, :3] = -100
+    # Static: 400 fp32 weights = 1600 B + 1600 B gradient + 3200 B AdamW = 6400 B; + 4800 -> limit 600 -> 4.
+    torch._dynamo.reset()
+    out = torch.compile(m, backend="unsloth", options={
+        "lower": "eager", "pipeline": "fuse_linear_cross_entropy{chunks=auto}", "memory_budget": 6400 + 4800})(h, y)
+    stats = backend.LAST["ctx"].stats["pre_grad"]["fuse_linear_cross_entropy"]
+    assert stats["chunks"] == 4 and stats["auto"]["lm_head_ce_0"]["static_bytes"] == 6400
+    ref = m(h, y)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    for a, b in zip(torch.autograd.grad(out, (h, m.lm_head.weight)), torch.autograd.grad(ref, (h, m.lm_head.weight))):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="chunks='auto' needs a memory_budget"):
+        torch.compile(m, backend="unsloth", options={"lower": "eager",
+                                                     "pipeline": "fuse_linear_cross_entropy{chunks=auto}"})(h, y)
