@@ -246,3 +246,7 @@ def update_order_violations(gm: torch.fx.GraphModule) -> list[str]:
             if any(a in aliases for a in m.all_input_nodes):
                 bad.append(f"{m.name} reads {n.args[2]} after its update {n.name}")
     return bad
+
+
+# route 2 of issue 6 lives in its own pass file; importing it here registers it with the built-in passes
+from unsloth_fx.passes import rewrite_optimizer_step as _rewrite_optimizer_step  # noqa: E402,F401

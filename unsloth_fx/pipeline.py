@@ -26,6 +26,7 @@ from unsloth_fx.pass_base import PassContext, PassSpec, get_pass
 
 DEFAULT_PASSES = ("share_weights", "plan_memory", "chunk_recompute", "offload_activations", "reload_activations",
                   "fuse_optimizer")
+DEFAULT_PASSES += ("rewrite_optimizer_step",)  # pre_grad; acts only on a compiled Adam/AdamW step with fuse_optimizer=True
 
 _ITEM_RE = re.compile(r"^([+-]?)([A-Za-z_][A-Za-z0-9_]*)(?:\{(.*)\})?$")
 
