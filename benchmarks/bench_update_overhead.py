@@ -57,10 +57,11 @@ def _time_fused(tier: str, named, grads, reps: int) -> float:
     b = fusion.attach(params, opt)
     slots = [fusion.slot_for(p, b) for p in params]
     op = torch.ops.unsloth_fx.fused_adamw_step_
+    extra = ([],) if len(op.default._schema.arguments) == 5 else ()  # newer op: the "after" list
 
     def one_pass():
         for (name, p), g, s in zip(named, grads, slots):
-            op(p, g, name, s, [])
+            op(p, g, name, s, *extra)
         opt.step()  # advances the step count (the parameters have no .grad)
 
     one_pass()  # state allocation, first-step gate
