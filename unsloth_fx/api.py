@@ -139,9 +139,11 @@ class BudgetCheck:
                                                "extrapolated", "notes")} | {"feasible": self.feasible}
 
 
-def _rows(model: torch.nn.Module) -> list[tuple[int, torch.dtype, bool, bool]]:
-    rows = [(p.numel(), p.dtype, p.requires_grad, False) for p in model.parameters()]
-    return rows + [(b.numel(), b.dtype, False, True) for b in model.buffers()]
+def _rows(model: torch.nn.Module) -> list[tuple]:
+    """(numel, dtype, requires_grad, is_buffer, name, shape) per tensor: names and shapes make
+    the planner count HybridAdamW's state per parameter, with its own tier policy."""
+    rows = [(p.numel(), p.dtype, p.requires_grad, False, n, tuple(p.shape)) for n, p in model.named_parameters()]
+    return rows + [(b.numel(), b.dtype, False, True, n, tuple(b.shape)) for n, b in model.named_buffers()]
 
 
 def _is_hf_causal_lm(model: torch.nn.Module) -> bool:

@@ -1,7 +1,8 @@
 """``unsloth-fx``: plan a model's training-step memory on CPU, inspect a dump, benchmark (GPU).
 
     unsloth-fx plan --model r1-distill-qwen-1.5b --seq 2048 --budget 12GiB [--batch 1]
-                    [--optimizer adamw|adamw-bf16|hybrid|int8|int4] [--fuse-optimizer] [--json] [--out DIR]
+                    [--optimizer adamw|adamw-bf16|hybrid|int8|int4] [--high-precision-tier fp32|bf16|int8|int4|hybrid]
+                    [--fuse-optimizer] [--chunks N | --no-chunking] [--json] [--out DIR]
     unsloth-fx inspect DUMP_DIR
     unsloth-fx bench        the benchmark suite (GPU; --smoke runs on CPU)
 
@@ -31,7 +32,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
     import torch
 
     from unsloth_fx.memory import report, whole
-    from unsloth_fx.memory.model import OPTIMIZER_STATE
+    from unsloth_fx.memory.model import HYBRID_TIERS, parse_optimizer
     from unsloth_fx.options import OptionError, format_bytes, parse_bytes
 
     try:
@@ -43,14 +44,33 @@ def cmd_plan(a: argparse.Namespace) -> int:
         _say(f"error: --budget {a.budget!r} is a fraction of device memory; the CLI has no device: give bytes, e.g. 7GiB")
         return 2
     dtype = getattr(torch, a.dtype)
+    spec = a.optimizer
+    if a.high_precision_tier:
+        if a.optimizer not in HYBRID_TIERS:
+            _say(f"error: --high-precision-tier is a HybridAdamW setting; --optimizer {a.optimizer} is a torch "
+                 f"optimizer (use one of {', '.join(t for t in HYBRID_TIERS if t in ('hybrid', 'int8', 'int4'))})")
+            return 2
+        spec = f"{a.optimizer}/{a.high_precision_tier}"
+    try:
+        parse_optimizer(spec)
+    except ValueError as e:
+        _say(f"error: {e}")
+        return 2
+    if a.fuse_optimizer and a.optimizer not in HYBRID_TIERS:
+        _say(f"error: --fuse-optimizer needs a HybridAdamW tier (hybrid, int8, int4); --optimizer {a.optimizer} "
+             "is a torch optimizer, which the fused update does not run")
+        return 2
+    chunks = None if a.no_chunking else a.chunks
     t0 = time.perf_counter()
     progress = None if a.quiet else _say
     if progress:
-        progress(f"planning {a.model} batch={a.batch} seq={a.seq} ({a.dtype}, optimizer={a.optimizer}"
-                 f"{', fused into backward' if a.fuse_optimizer else ''}) on fake tensors")
+        progress(f"planning {a.model} batch={a.batch} seq={a.seq} ({a.dtype}, optimizer={spec}"
+                 f"{', fused into backward' if a.fuse_optimizer else ''}"
+                 f"{f', {chunks} token chunks' if chunks else ', no chunking'}) on fake tensors")
     try:
-        est = whole.estimate(a.model, batch=a.batch, seq=a.seq, dtype=dtype, optimizer=a.optimizer,
-                             fuse_optimizer=a.fuse_optimizer, budget=budget, full=a.full_trace, progress=progress)
+        est = whole.estimate(a.model, batch=a.batch, seq=a.seq, dtype=dtype, optimizer=spec,
+                             fuse_optimizer=a.fuse_optimizer, budget=budget, full=a.full_trace, progress=progress,
+                             chunks=chunks)
     except ValueError as e:
         _say(f"error: {e}")
         return 2
@@ -60,8 +80,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
     if budget is not None and not a.no_seq_search:
         if progress:
             progress("searching the largest sequence length that fits (bisection over traced lengths)")
-        largest = whole.largest_seq(a.model, budget, batch=a.batch, dtype=dtype, optimizer=a.optimizer,
-                                    fuse_optimizer=a.fuse_optimizer, start=a.seq, progress=progress)
+        largest = whole.largest_seq(a.model, budget, batch=a.batch, dtype=dtype, optimizer=spec,
+                                    fuse_optimizer=a.fuse_optimizer, start=a.seq, progress=progress, chunks=chunks)
     plan = est.plan
     decisions: dict[str, int] = {}
     if plan is not None:
@@ -72,11 +92,13 @@ def cmd_plan(a: argparse.Namespace) -> int:
     static_total = st.parameters + st.buffers + st.gradients + st.optimizer_state
     gpu_short = max(est.feasible_min - GPU_80GB, 0)
     doc: dict[str, Any] = {
-        "model": a.model, "batch": a.batch, "seq": a.seq, "dtype": a.dtype, "optimizer": a.optimizer,
-        "fuse_optimizer": a.fuse_optimizer, "budget": budget,
+        "model": a.model, "batch": a.batch, "seq": a.seq, "dtype": a.dtype, "optimizer": spec,
+        "fuse_optimizer": a.fuse_optimizer, "chunks": chunks, "chunking_credited": est.chunking,
+        "assumptions": est.assumptions, "budget": budget,
         "static": {"parameters": st.parameters + st.buffers, "gradients": st.gradients,
-                   "optimizer_state": st.optimizer_state, "optimizer_step_temp": st.optimizer_temp,
-                   "inputs": st.inputs, "total": static_total},
+                   "optimizer_state": st.optimizer_state, "optimizer_state_by_tier": st.state_by_tier,
+                   "optimizer_step_temp": st.optimizer_temp, "inputs": st.inputs, "total": static_total},
+        "peak_floor": _floor_terms(est),
         "activation_peak": est.activations, "minimum_activations": est.min_activations,
         "predicted_peak": est.base_peak, "smallest_feasible_budget": est.feasible_min,
         "feasible": fits, "modified": bool(plan and plan.modified),
@@ -103,23 +125,29 @@ def cmd_plan(a: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2, default=str))
     else:
         fb = format_bytes
-        print(f"{a.model}: batch {a.batch} x seq {a.seq}, {a.dtype}, optimizer {a.optimizer}"
+        print(f"{a.model}: batch {a.batch} x seq {a.seq}, {a.dtype}, optimizer {spec}"
               + (" (fused into backward)" if a.fuse_optimizer else ""))
+        print("  assumes: " + "\n           ".join(est.assumptions))
         print(f"  parameters        {fb(st.parameters + st.buffers)}")
-        print(f"  gradients         {fb(st.gradients)}")
-        print(f"  optimizer state   {fb(st.optimizer_state)} (+ {fb(st.optimizer_temp)} temporaries in step())")
+        print(f"  gradients         {fb(st.gradients)}" + (" (fused: each freed by its update in backward)"
+                                                           if a.fuse_optimizer else ""))
+        print(f"  optimizer state   {fb(st.optimizer_state)}"
+              + (" (" + ", ".join(f"{k} {fb(v)}" for k, v in sorted(st.state_by_tier.items(), key=lambda kv: -kv[1]))
+                 + ")" if len(st.state_by_tier) > 1 else "")
+              + (f" (+ {fb(st.optimizer_temp)} " + ("largest gradient + its update's temporaries)"
+                                                   if a.fuse_optimizer else "temporaries in step())")))
         print(f"  static total      {fb(static_total)}")
         print(f"  activation peak   {fb(est.activations)} (minimum with recompute: {fb(est.min_activations)})"
               + ("  [extrapolated from traced layers " + str(est.traced) + "]" if est.extrapolated else ""))
         print(f"  predicted peak    {fb(est.base_peak)}; smallest feasible budget {fb(est.feasible_min)}")
+        floor = doc["peak_floor"]
+        print(f"  smallest peak     " + " + ".join(f"{k} {fb(v)}" for k, v in floor.items() if k != "total")
+              + f" = {fb(floor['total'])}")
         if budget is not None:
             if not fits:
-                print(f"  budget {fb(budget)}: INFEASIBLE: parameters {fb(st.parameters + st.buffers)} + gradients "
-                      f"{fb(st.gradients)} + optimizer state {fb(st.optimizer_state)} + "
-                      + (f"optimizer-step temporaries {fb(st.optimizer_temp)}" if est.optimizer_peak >= est.min_peak
-                         else f"minimum activations {fb(est.feasible_min - st.resident - st.gradients)}")
-                      + f" = {fb(est.feasible_min)}; smallest "
-                      f"feasible budget {fb(est.feasible_min)}")
+                print(f"  budget {fb(budget)}: INFEASIBLE: " + " + ".join(f"{k} {fb(v)}" for k, v in floor.items()
+                                                                         if k != "total")
+                      + f" = {fb(est.feasible_min)}; smallest feasible budget {fb(est.feasible_min)}")
             elif plan is None:
                 print(f"  budget {fb(budget)}: fits without changes")
             else:
@@ -149,6 +177,20 @@ def cmd_plan(a: argparse.Namespace) -> int:
              f"{format_bytes(est.feasible_min)}")
         return 3
     return 0
+
+
+def _floor_terms(est: Any) -> dict[str, int]:
+    """The smallest feasible peak as a sum of named terms (bytes) that add up exactly: either
+    the resident bytes plus the activations and in-flight gradients at the minimum plan's
+    peak, or (when larger) the optimizer step's: parameters, gradients, state, temporaries."""
+    st = est.static
+    if est.min_peak > est.optimizer_peak:
+        return {"parameters": st.parameters + st.buffers, "optimizer state": st.optimizer_state,
+                "inputs": st.inputs, "activations + in-flight gradients (minimum plan)": est.min_peak - st.resident,
+                "total": est.min_peak}
+    return {"parameters": st.parameters + st.buffers, "gradients": st.gradients, "optimizer state": st.optimizer_state,
+            "inputs": st.inputs, ("largest gradient + its update" if st.fuse_optimizer else "optimizer-step temporaries"):
+            st.optimizer_temp, "total": est.optimizer_peak}
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
@@ -210,6 +252,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from unsloth_fx.memory.model import OPTIMIZER_STATE
+    from unsloth_fx.runtime.adamw import TIERS
 
     ap = argparse.ArgumentParser(prog="unsloth-fx", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -218,8 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, required=True, help="sequence length (tokens)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--budget", default=None, help="device memory budget, e.g. 7GiB or 12e9")
-    p.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZER_STATE))
-    p.add_argument("--fuse-optimizer", action="store_true", help="optimizer update inside backward (no gradient buffers)")
+    p.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZER_STATE),
+                   help="adamw / adamw-bf16 / sgd: torch optimizers; hybrid / int8 / int4 / fp32 / bf16: HybridAdamW's "
+                        "state_precision, counted per parameter with its own tier policy")
+    p.add_argument("--high-precision-tier", default=None, choices=list(TIERS),
+                   help="HybridAdamW's tier for embeddings / LM head (default fp32; norms, biases stay fp32)")
+    p.add_argument("--fuse-optimizer", action="store_true",
+                   help="HybridAdamW update inside backward: each gradient freed by its update (no gradient buffers)")
+    p.add_argument("--chunks", type=int, default=8,
+                   help="trace with apply_optimizations' chunking passes (chunked LM head + CE, token-chunked "
+                        "MLPs) at this many chunks (default 8, as apply_optimizations)")
+    p.add_argument("--no-chunking", action="store_true", help="trace the model unchunked")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--full-trace", action="store_true", help="trace every layer instead of extrapolating")
     p.add_argument("--no-seq-search", action="store_true", help="skip the largest-sequence search")
@@ -247,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "plan" and (args.seq <= 0 or args.batch <= 0):
         _say("error: --seq and --batch must be positive")
+        return 2
+    if args.cmd == "plan" and args.chunks < 1 and not args.no_chunking:
+        _say("error: --chunks must be >= 1 (or --no-chunking)")
         return 2
     return int(args.fn(args) or 0)
 

@@ -41,17 +41,81 @@ from unsloth_fx.pass_base import ufx
 BLOCK = 512  # CUDA caching allocator block rounding (bytes)
 
 # Optimizer state in bytes per trainable parameter, and the temporaries of one
-# step (bytes per parameter) for the stock foreach implementation.
+# step (bytes per parameter) for the stock foreach implementation. For the
+# HybridAdamW tiers ("hybrid", "int8", "int4", "fp32", "bf16") these flat figures
+# are only used for rows without a name and shape (legacy callers); rows with
+# them are counted exactly, per parameter, by HybridAdamW's own tier policy
+# (unsloth_fx.optim.tier_for) and allocation (state_tensor_nbytes).
 OPTIMIZER_STATE = {
     "adamw": 8.0,  # two fp32 moments
     "adamw-bf16": 4.0,  # two bf16 moments (torch.optim.AdamW on bf16 parameters)
-    "hybrid": 2.0,  # HybridAdamW, mostly 8-bit blockwise moments (approximate)
+    "hybrid": 2.0,  # HybridAdamW, mostly 4-bit blockwise moments (flat approximation, see above)
     "int8": 2.0,
     "int4": 1.0,
+    "fp32": 8.0,
+    "bf16": 4.0,
     "sgd": 0.0,
 }
 # torch's foreach AdamW materializes sqrt(v) for every parameter at once.
-OPTIMIZER_STEP_TEMP = {"adamw": 4.0, "adamw-bf16": 2.0, "hybrid": 0.0, "int8": 0.0, "int4": 0.0, "sgd": 0.0}
+OPTIMIZER_STEP_TEMP = {"adamw": 4.0, "adamw-bf16": 2.0, "hybrid": 0.0, "int8": 0.0, "int4": 0.0, "fp32": 0.0,
+                       "bf16": 0.0, "sgd": 0.0}
+HYBRID_TIERS = ("hybrid", "int8", "int4", "fp32", "bf16")  # HybridAdamW state_precision values
+
+
+@dataclass(frozen=True)
+class StatePolicy:
+    """The HybridAdamW settings that decide its state bytes (see unsloth_fx.optim).
+
+    As an optimizer spec string: ``"<state_precision>[/<high_precision_tier>]"``,
+    e.g. ``"hybrid"`` (HybridAdamW's defaults: embeddings / LM head fp32) or
+    ``"hybrid/int4"`` (embeddings / LM head int4). ``hybrid_cap``: the hybrid
+    tier's fp32 pool is allocated at this fraction of each tensor's blocks on the
+    first step, whatever the gate later promotes, so counting the cap is exact
+    for the allocation (and the worst case of what the gate can use)."""
+
+    state_precision: str = "hybrid"
+    high_precision_tier: str = "fp32"
+    hybrid_bits: int = 4
+    hybrid_cap: float = 0.1
+    min_quant_numel: int = 4096
+    quantize_all: bool = False
+    check_finite: bool = True
+
+    @property
+    def key(self) -> str:
+        """The spec string (round-trips through :func:`parse_optimizer`; extra settings are not encoded)."""
+        quantized = self.state_precision not in ("fp32", "bf16") and not self.quantize_all
+        if quantized and self.high_precision_tier != "fp32":
+            return f"{self.state_precision}/{self.high_precision_tier}"
+        return self.state_precision
+
+    def describe(self) -> str:
+        sp = self.state_precision
+        if sp in ("fp32", "bf16") or self.quantize_all:
+            return f"HybridAdamW {sp} moments for every parameter"
+        body = f"{sp} ({self.hybrid_bits}-bit store, fp32 pool at cap {self.hybrid_cap:g})" if sp == "hybrid" else sp
+        return (f"HybridAdamW {body} moments; embeddings / LM head {self.high_precision_tier}; norms, biases, "
+                f"1-D and tensors under {self.min_quant_numel} elements fp32")
+
+
+def parse_optimizer(optimizer: Any) -> tuple[str, StatePolicy | None]:
+    """(flat key for OPTIMIZER_STATE, HybridAdamW policy or None for torch optimizers).
+    ``optimizer``: a spec string (``"adamw"``, ``"adamw-bf16"``, ``"sgd"``, ``"hybrid"``,
+    ``"int8/int4"``, ...) or a :class:`StatePolicy`."""
+    from unsloth_fx.runtime.adamw import TIERS
+
+    if isinstance(optimizer, StatePolicy):
+        return optimizer.state_precision, optimizer
+    if not isinstance(optimizer, str):
+        raise ValueError(f"optimizer={optimizer!r}: expected a spec string, a StatePolicy or an optimizer instance")
+    base, _, hp = optimizer.partition("/")
+    if base not in OPTIMIZER_STATE or (hp and (base not in HYBRID_TIERS or hp not in TIERS)):
+        raise ValueError(f"optimizer={optimizer!r}: expected one of {', '.join(OPTIMIZER_STATE)}, optionally "
+                         f"'/<tier of embeddings and LM head>' after a HybridAdamW tier ({', '.join(TIERS)}), "
+                         "e.g. 'hybrid/int4'")
+    if base in HYBRID_TIERS:
+        return base, StatePolicy(state_precision=base, high_precision_tier=hp or "fp32")
+    return base, None
 
 
 def round_block(nbytes: int) -> int:
@@ -79,6 +143,13 @@ class Static:
     num_params: int = 0
     optimizer: str = "adamw"
     fuse_optimizer: bool = False
+    # optimizer-state bytes by moment tier (HybridAdamW) or by kind, and what was assumed
+    state_by_tier: dict[str, int] = field(default_factory=dict)
+    assumptions: list[str] = field(default_factory=list)
+    # fused update: bytes the update of one parameter allocates besides its gradient
+    # (HybridAdamW's isfinite mask; the hybrid tier's first-step scratch), by parameter name
+    step_temp: dict[str, int] = field(default_factory=dict)
+    biggest_grad: int = 0
 
     @property
     def resident(self) -> int:
@@ -87,17 +158,37 @@ class Static:
 
 
 def static_breakdown(
-    params: Iterable[tuple[int, torch.dtype, bool, bool]],
-    optimizer: str = "adamw",
+    params: Iterable[tuple],
+    optimizer: Any = "adamw",
     fuse_optimizer: bool = False,
 ) -> Static:
-    """``params``: (numel, dtype, requires_grad, is_buffer) per tensor. Each tensor
-    is a separate allocation, so each is rounded to a block."""
-    if optimizer not in OPTIMIZER_STATE:
-        raise ValueError(f"optimizer={optimizer!r}: expected one of {', '.join(OPTIMIZER_STATE)}")
-    s = Static(optimizer=optimizer, fuse_optimizer=fuse_optimizer)
-    biggest_grad = 0
-    for numel, dtype, requires_grad, is_buffer in params:
+    """Static bytes of a step. Each tensor is a separate allocation, so each is
+    rounded to a block (as is each optimizer-state tensor).
+
+    ``params``: one row per tensor, ``(numel, dtype, requires_grad, is_buffer[, name[, shape]])``.
+    ``optimizer``: a spec string (see :func:`parse_optimizer`), a :class:`StatePolicy`, or an
+    optimizer instance (``HybridAdamW``: its :meth:`state_layout`, i.e. the state it holds or
+    will allocate; ``torch.optim.AdamW``/``Adam``: its state, or two moments in the parameter's
+    dtype), matched to the rows by name (rows need names then).
+
+    HybridAdamW state is exact per parameter for rows with name and shape: the tier comes from
+    ``unsloth_fx.optim.tier_for`` and the bytes from the same ``init_state`` the optimizer runs.
+    Rows without them fall back to the flat bytes/parameter of ``OPTIMIZER_STATE``.
+    """
+    instance = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+    if instance is not None:
+        layout = optimizer_state_layout(instance)
+        key, policy = type(instance).__name__, None
+    else:
+        key, policy = parse_optimizer(optimizer)
+        layout = None
+    s = Static(optimizer=key if instance is not None else (policy.key if policy else key), fuse_optimizer=fuse_optimizer)
+    flat_rows = 0
+    rows = list(params)
+    for row in rows:
+        numel, dtype, requires_grad, is_buffer = row[:4]
+        name = row[4] if len(row) > 4 else None
+        shape = row[5] if len(row) > 5 else None
         nbytes = round_block(int(numel) * _itemsize(dtype))
         if is_buffer:
             s.buffers += nbytes
@@ -106,14 +197,102 @@ def static_breakdown(
         if not requires_grad:
             continue
         s.num_params += int(numel)
-        biggest_grad = max(biggest_grad, nbytes)
+        s.biggest_grad = max(s.biggest_grad, nbytes)
         s.gradients += nbytes
-        s.optimizer_state += round_block(int(numel * OPTIMIZER_STATE[optimizer]))
-        s.optimizer_temp += round_block(int(numel * OPTIMIZER_STEP_TEMP[optimizer]))
+        temp = 0
+        if layout is not None:
+            tier, sizes = layout.get(name, ("missing", None)) if name is not None else ("missing", None)
+            if sizes is None:
+                raise ValueError(f"static_breakdown: parameter {name!r} is not held by the {key} instance "
+                                 "(rows must carry the names the optimizer was given)")
+            state = sum(round_block(b) for b in sizes)
+            temp = _hybrid_step_temp(tier, int(numel), dtype, sizes) if key == "HybridAdamW" else 0
+        elif policy is not None and shape is not None:
+            from unsloth_fx.optim import state_tensor_nbytes, tier_for
+
+            tier = tier_for(name, shape, policy.state_precision, quantize_all=policy.quantize_all,
+                            min_quant_numel=policy.min_quant_numel, high_precision_tier=policy.high_precision_tier)
+            sizes = state_tensor_nbytes(tier, int(numel), hybrid_bits=policy.hybrid_bits,
+                                        hybrid_cap=policy.hybrid_cap) + (4, 4)  # + step, nonfinite_skips
+            state = sum(round_block(b) for b in sizes)
+            temp = _hybrid_step_temp(tier, int(numel), dtype, sizes, policy.check_finite)
+        else:
+            tier = key
+            flat_rows += 1
+            state = round_block(int(numel * OPTIMIZER_STATE[key]))
+            s.optimizer_temp += round_block(int(numel * OPTIMIZER_STEP_TEMP[key]))
+        s.optimizer_state += state
+        s.state_by_tier[tier] = s.state_by_tier.get(tier, 0) + state
+        if temp:
+            s.step_temp[name or f"#{len(s.step_temp)}"] = temp
+            s.optimizer_temp = max(s.optimizer_temp, temp)  # HybridAdamW steps one parameter at a time
+    if instance is not None:
+        s.assumptions.append(f"optimizer state: the {key} instance's own layout (state it holds, or what its "
+                             "first step allocates)")
+    elif policy is not None:
+        s.assumptions.append(f"optimizer state: {policy.describe()}"
+                             + (f"; {flat_rows} unnamed tensor(s) at a flat {OPTIMIZER_STATE[key]:g} B/param"
+                                if flat_rows else ""))
+        if policy.state_precision == "hybrid" or policy.high_precision_tier == "hybrid":
+            s.assumptions.append(f"hybrid tier: fp32 pool allocated at hybrid_cap={policy.hybrid_cap:g} of each "
+                                 "tensor's blocks (exact for the allocation; the gate never uses more)")
     if fuse_optimizer:
-        # The update runs inside backward: one parameter's gradient at a time.
-        s.gradients, s.optimizer_temp = 0, biggest_grad
+        # The update runs inside backward: each gradient is freed by its update, one
+        # parameter's gradient (plus that update's temporaries) at a time.
+        s.gradients = 0
+        s.optimizer_temp = max([s.biggest_grad] + [t + g for t, g in _temps_with_grads(s, rows)])
+        s.assumptions.append("optimizer fused into backward: no gradient buffers; each gradient freed by its update")
     return s
+
+
+def _temps_with_grads(s: Static, params: Iterable[tuple]) -> list[tuple[int, int]]:
+    out = []
+    if not s.step_temp:
+        return out
+    for row in params:
+        name = row[4] if len(row) > 4 else None
+        if name in s.step_temp and not row[3] and row[2]:
+            out.append((s.step_temp[name], round_block(int(row[0]) * _itemsize(row[1]))))
+    return out
+
+
+def _hybrid_step_temp(tier: str, numel: int, dtype: torch.dtype, sizes: tuple[int, ...],
+                      check_finite: bool = True) -> int:
+    """Bytes one HybridAdamW parameter update allocates besides the gradient: the
+    ``isfinite(grad)`` mask (1 B/element) with ``check_finite``, and for the hybrid
+    tier's first step the scratch copies of the parameter and its state."""
+    temp = round_block(numel) if check_finite else 0
+    if tier == "hybrid":
+        temp += round_block(numel * _itemsize(dtype)) + sum(round_block(b) for b in sizes)
+    return temp
+
+
+def optimizer_state_layout(opt: torch.optim.Optimizer) -> dict[str | None, tuple[str, tuple[int, ...]]]:
+    """{parameter name: (tier or kind, bytes of each device state tensor)} for an optimizer
+    instance. HybridAdamW: :meth:`~unsloth_fx.optim.HybridAdamW.state_layout`. Other
+    optimizers: the tensors in ``opt.state`` on the parameter's device, or, before the
+    first step, AdamW/Adam's two moments in the parameter's dtype. Names come from the
+    groups' ``param_names`` (given ``named_parameters()``), else ``"#<index>"``."""
+    if hasattr(opt, "state_layout"):
+        return {name: (tier, sizes) for name, tier, sizes in opt.state_layout()}
+    out: dict[str | None, tuple[str, tuple[int, ...]]] = {}
+    k = 0
+    for g in opt.param_groups:
+        names = g.get("param_names")
+        for i, p in enumerate(g["params"]):
+            k += 1
+            name = names[i] if names else f"#{k}"
+            st = opt.state.get(p)
+            if st:
+                sizes = tuple(t.numel() * t.element_size() for t in st.values()
+                              if isinstance(t, torch.Tensor) and t.device == p.device)
+            elif type(opt).__name__ in ("AdamW", "Adam"):
+                sizes = (p.numel() * p.element_size(),) * 2
+            else:
+                raise ValueError(f"optimizer_state_layout: no state yet for {type(opt).__name__} and no known "
+                                 "layout; step it once, or pass a spec string")
+            out[name] = (type(opt).__name__, sizes)
+    return out
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -277,6 +456,69 @@ def _decision(node: Any) -> str | None:
     return None
 
 
+def _fused_updates(fw: torch.fx.GraphModule, bw: torch.fx.GraphModule,
+                   static: Static) -> dict[int, list[tuple[torch.fx.Node, int]]]:
+    """Where the fuse_optimizer pass puts each parameter's update in the backward graph:
+    {backward node index: [(gradient node, bytes the update allocates)]}.
+
+    As the pass places it: after the gradient is produced and after the last backward
+    node that reads the parameter or any forward value depending on it (saved for
+    backward, or recomputed there). Backward output ``i`` is the gradient of forward
+    placeholder ``i``."""
+    fw_ph = [n for n in fw.graph.nodes if n.op == "placeholder"]
+    mask: dict[str, int] = {}
+    for k, n in enumerate(fw_ph):
+        mask[n.name] = 1 << k
+    for n in fw.graph.nodes:
+        if n.op == "call_function":
+            m = 0
+            for a in n.all_input_nodes:
+                m |= mask.get(a.name, 0)
+            if m:
+                mask[n.name] = m
+    nodes = list(bw.graph.nodes)
+    # forward values in backward: saved inputs, and nodes computed only from them (recomputed)
+    fwd_like: set[torch.fx.Node] = set()
+    bmask: dict[torch.fx.Node, int] = {}  # forward value -> primals it depends on
+    last_read: dict[int, int] = {}
+    for i, n in enumerate(nodes):
+        if n.op == "placeholder":
+            if not n.name.startswith("tangents"):
+                fwd_like.add(n)
+                if mask.get(n.name):
+                    bmask[n] = mask[n.name]
+            continue
+        if n.op != "call_function":
+            continue
+        read = 0
+        for a in n.all_input_nodes:
+            read |= bmask.get(a, 0)
+        m = read
+        while m:
+            low = m & -m
+            last_read[low.bit_length() - 1] = i
+            m ^= low
+        if all(a in fwd_like for a in n.all_input_nodes):
+            fwd_like.add(n)
+            if read:
+                bmask[n] = read
+    out_args = nodes[-1].args[0] if nodes and nodes[-1].op == "output" else ()
+    pos = {n: i for i, n in enumerate(nodes)}
+    fused: dict[int, list[tuple[torch.fx.Node, int]]] = {}
+    for k, g in enumerate(out_args):
+        if not isinstance(g, torch.fx.Node) or g not in pos or k >= len(fw_ph):
+            continue
+        rec = fw_ph[k].meta.get("ufx")
+        name = rec.param if rec is not None else None
+        val = g.meta.get("val")
+        numel = val.numel() if isinstance(val, torch.Tensor) else 0
+        temp = static.step_temp.get(name, round_block(int(numel)) if static.step_temp else 0) \
+            if isinstance(numel, int) else 0
+        at = max(pos[g], last_read.get(k, -1))
+        fused.setdefault(at, []).append((g, temp))
+    return fused
+
+
 class _Walker:
     def __init__(self, static: Static, recomputable: set[str]):
         self.tl = Timeline(static=static)
@@ -329,7 +571,8 @@ class _Walker:
     def free(self, phase: str, node: Any, s: Any) -> None:
         self.record(phase, node, "free", self.bytes.pop(s), self.cat.pop(s, "transient"))
 
-    def walk(self, gm: torch.fx.GraphModule, phase: str, keep: set[Any], saved: set[Any], user_out: set[Any]) -> None:
+    def walk(self, gm: torch.fx.GraphModule, phase: str, keep: set[Any], saved: set[Any], user_out: set[Any],
+             fused: dict[int, list[tuple[torch.fx.Node, int]]] | None = None) -> None:
         nodes = list(gm.graph.nodes)
         out_node = nodes[-1]
         out_stores = {self.storage(a) for a in out_node.all_input_nodes}
@@ -368,6 +611,15 @@ class _Walker:
                 if sa is None or sa not in self.bytes or last.get(sa) != i or sa in keep or sa in out_stores:
                     continue
                 self.free(phase, a, sa)
+            for g, temp in (fused or {}).get(i, ()):
+                # the fused optimizer update of this gradient's parameter runs here, then frees it
+                sg = self.storage(g)
+                if sg is None or sg not in self.bytes:
+                    continue
+                self.record(phase, "fused update " + g.name, "alloc", temp, "optimizer")
+                self.check_peak(phase, "fused update " + g.name)
+                self.record(phase, "fused update " + g.name, "free", temp, "optimizer")
+                self.free(phase, g, sg)
             self.step += 1
 
     def run(self, fw: torch.fx.GraphModule, bw: torch.fx.GraphModule, num_fwd_outputs: int,
@@ -389,7 +641,8 @@ class _Walker:
             s = self.alias[a.name]
             if a.name not in bw_names and s in self.bytes and s not in user_out:
                 self.free("backward", a, s)
-        self.walk(bw, "backward", set(), saved, set())
+        fused = _fused_updates(fw, bw, self.static) if self.static.fuse_optimizer else None
+        self.walk(bw, "backward", set(), saved, set(), fused)
         for s in list(self.bytes):
             if self.cat.get(s) != "gradients":
                 self.free("backward", "end of backward", s)
@@ -440,7 +693,12 @@ def static_from_graph(joint: torch.fx.GraphModule, optimizer: str = "adamw", fus
             continue
         is_buffer = bool(info.is_buffer) if info is not None else bool(rec.notes.get("buffer", False))
         requires_grad = bool(info.requires_grad) if info is not None else not is_buffer
-        rows.append((storage_size(val).nbytes // max(val.element_size(), 1), val.dtype, requires_grad, is_buffer))
+        name = getattr(info, "name", None) if info is not None else None
+        if name is None and rec is not None:
+            name = rec.param
+        shape = tuple(h if h is not None else 1 for h in (_compat.symint_hint(d)[0] for d in val.shape))
+        rows.append((storage_size(val).nbytes // max(val.element_size(), 1), val.dtype, requires_grad, is_buffer,
+                     name, shape))
     s = static_breakdown(rows, optimizer, fuse_optimizer)
     s.inputs = inputs_bytes(joint)
     return s

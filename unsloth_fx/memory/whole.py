@@ -10,8 +10,20 @@ so we trace small variants of the same config and extrapolate:
   C = 2 dense + 1 MoE: act = act(A) + (k - 1) * (C - A) + (L - k - 1) * (B - A).
 
 Static bytes (parameters, gradients, optimizer state) come from the full
-model built on meta, exactly. ``full=True`` traces every layer instead.
-tests/test_memory.py checks the extrapolation against a full trace.
+model built on meta, exactly (HybridAdamW's state per parameter, by its own tier
+policy). ``full=True`` traces every layer instead. tests/test_memory.py checks
+the extrapolation against a full trace.
+
+What is traced (:func:`trace_step`): with ``chunks`` (the default, as
+``apply_optimizations`` compiles), the model patched by ``patch_causal_lm`` and
+compiled through the unsloth backend itself (Dynamo, on meta tensors) with the
+chunking passes apply_optimizations adds (:func:`chunk_passes`: the chunked LM
+head + cross-entropy op and token-chunked MLPs) and ``chunk_recompute``; the joint
+graph those passes produce is what gets planned, so the activation floor credits
+the chunking exactly as the compile will run it. Without ``chunks``, or for models
+Dynamo cannot capture as one graph (MoE expert loops), the plain AOTAutograd
+trace of ``model(input_ids, labels=input_ids).loss`` (unsloth_fx.memory.trace), and
+the estimate says chunking was not credited.
 """
 
 from __future__ import annotations
@@ -28,6 +40,96 @@ from unsloth_fx.memory.trace import trace_model
 from unsloth_fx.options import format_bytes
 
 
+def chunk_passes(chunks: int) -> list[str]:
+    """The pre_grad chunking passes ``apply_optimizations`` adds to the pipeline (one list, so
+    the planner's trace and the compile cannot drift apart)."""
+    return [f"split_token_chunks{{chunks={chunks}}}", f"fuse_linear_cross_entropy{{chunks={chunks}}}"]
+
+
+def _is_moe(config: Any) -> bool:
+    return any(getattr(config, k, None) for k in ("n_routed_experts", "num_experts", "num_local_experts"))
+
+
+@dataclass
+class Traced:
+    """One traced training step: the joint graph, its parameters and what the trace credits."""
+
+    joint: Any
+    nfwd: int
+    params: dict[int, Any] | None  # placeholder index -> ParamInfo (compiled trace), else None
+    rows: list[tuple]  # static_breakdown rows (with names and shapes)
+    nodes: int
+    seconds: float
+    chunking: dict[str, int] = field(default_factory=dict)  # region kind -> chunks actually applied
+    notes: list[str] = field(default_factory=list)
+
+
+def _rows_of(model: torch.nn.Module, dtype: torch.dtype | None) -> list[tuple]:
+    rows = []
+    for n, p in model.named_parameters():
+        dt = dtype if (dtype is not None and p.is_floating_point()) else p.dtype
+        rows.append((p.numel(), dt, bool(p.requires_grad), False, n, tuple(p.shape)))
+    for n, b in model.named_buffers():
+        rows.append((b.numel(), b.dtype, False, True, n, tuple(b.shape)))
+    return rows
+
+
+def trace_step(model: torch.nn.Module, batch: int, seq: int, dtype: torch.dtype | None = torch.bfloat16,
+               chunks: int | None = 8) -> Traced:
+    """Trace one training step of causal LM ``model`` (on meta; it is modified: cast to
+    ``dtype``, patched) as the compile will run it. See the module docstring."""
+    rows = _rows_of(model, dtype)
+    notes: list[str] = []
+    if chunks and not _is_moe(getattr(model, "config", None)):
+        try:
+            return _trace_compiled(model, batch, seq, dtype, chunks, rows)
+        except Exception as e:  # a model Dynamo cannot capture whole: plan it unchunked, and say so
+            notes.append(f"chunking not credited: the compiled trace failed ({type(e).__name__}: {str(e)[:160]})")
+    elif chunks:
+        notes.append("chunking not credited: MoE model (expert loops do not compile to one graph; "
+                     "split_token_chunks does not match MoE experts)")
+    tr = trace_model(model, batch, seq, dtype)
+    return Traced(tr.joint, tr.num_fwd_outputs, None, rows, len(tr.joint.graph.nodes), tr.seconds, {}, notes)
+
+
+def _trace_compiled(model: torch.nn.Module, batch: int, seq: int, dtype: torch.dtype | None, chunks: int,
+                    rows: list[tuple]) -> Traced:
+    import unsloth_fx.backend as backend
+    from unsloth_fx.memory.trace import cuda_like_tracing
+    from unsloth_fx.runtime.linear_cross_entropy import patch_causal_lm
+
+    t0 = time.perf_counter()
+    if dtype is not None:
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
+    model.train()
+    patch_causal_lm(model)
+    dev = next(model.parameters()).device
+    ids = torch.zeros(batch, seq, dtype=torch.long, device=dev)
+    pipeline = ",".join(chunk_passes(chunks) + [f"chunk_recompute{{chunks={chunks}}}"])
+    torch.compiler.reset()  # a fresh Dynamo cache: repeated traces (seq search) must not hit its size limit
+    backend.LAST.clear()
+    compiled = torch.compile(model, backend="unsloth", fullgraph=True,
+                             options={"pipeline": pipeline, "lower": "eager", "memory_budget": None})
+    with cuda_like_tracing():
+        compiled(input_ids=ids, labels=ids)
+    joint, ctx = backend.LAST.get("joint"), backend.LAST.get("ctx")
+    torch.compiler.reset()
+    if joint is None or ctx is None:
+        raise RuntimeError("the backend produced no joint graph")
+    pre = ctx.stats.get("pre_grad", {})
+    applied = {"mlp": int(pre.get("split_token_chunks", {}).get("regions", 0)),
+               "lm_head_ce": int(pre.get("fuse_linear_cross_entropy", {}).get("fused", 0))}
+    notes = [] if applied["lm_head_ce"] else [
+        "chunked LM head + CE not applied by fuse_linear_cross_entropy: "
+        + str(pre.get("fuse_linear_cross_entropy", {}).get("skipped", ""))[:160]]
+    return Traced(joint, ctx.num_fwd_outputs or 1, ctx.params, rows, len(joint.graph.nodes),
+                  time.perf_counter() - t0, {k: (chunks if v else 0) for k, v in applied.items()}, notes)
+
+
 @dataclass
 class Variant:
     counts: tuple[int, int]  # (dense layers, MoE layers)
@@ -36,6 +138,8 @@ class Variant:
     minimum: M.Timeline
     joint: Any
     nfwd: int
+    chunking: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def act(self, tl: M.Timeline) -> int:
         """Peak bytes outside the optimizer step above the resident bytes (gradients in flight included)."""
@@ -73,6 +177,9 @@ class Estimate:
     warnings: list[str] = field(default_factory=list)
     activations: int = 0  # peak activations + temporaries without gradients (extrapolated)
     min_activations: int = 0
+    act_floor: int = 0  # bytes above resident at the minimum plan's peak (gradients in flight included)
+    chunking: dict[str, int] = field(default_factory=dict)  # region kind -> chunks credited
+    assumptions: list[str] = field(default_factory=list)
 
     @property
     def feasible_min(self) -> int:
@@ -88,8 +195,8 @@ def _layers(config: Any) -> tuple[int, int]:
     return L, 0
 
 
-def _variant(name: str, counts: tuple[int, int], batch: int, seq: int, dtype, optimizer: str, fuse: bool,
-             dev: S.DeviceModel, progress) -> Variant:
+def _variant(name: str, counts: tuple[int, int], batch: int, seq: int, dtype, optimizer: Any, fuse: bool,
+             dev: S.DeviceModel, progress, chunks: int | None = None) -> Variant:
     from unsloth_fx.zoo import build_model
 
     dense, moe = counts
@@ -97,57 +204,65 @@ def _variant(name: str, counts: tuple[int, int], batch: int, seq: int, dtype, op
     if moe:
         kw["first_k_dense_replace"] = dense
     m = build_model(name, device="meta", **kw)
-    tr = trace_model(m, batch, seq, dtype)
-    st = M.static_breakdown([(r[1], r[2], r[3], r[4]) for r in tr.params], optimizer, fuse)
+    tr = trace_step(m, batch, seq, dtype, chunks)
+    st = M.static_breakdown(tr.rows, optimizer, fuse)
     st.inputs = M.inputs_bytes(tr.joint)
-    base = M.predict(tr.joint, tr.num_fwd_outputs, st)
-    _, mn = S.minimum_plan(tr.joint, tr.num_fwd_outputs, st, dev)
+    base = M.predict(tr.joint, tr.nfwd, st)
+    _, mn = S.minimum_plan(tr.joint, tr.nfwd, st, dev)
     if progress:
-        progress(f"  traced {dense} dense + {moe} MoE layer(s) at seq {seq}: {len(tr.joint.graph.nodes)} nodes, "
-                 f"{tr.seconds:.1f} s; activation peak {format_bytes(_noopt_peak(base) - st.resident)}")
-    return Variant(counts, st, base, mn, tr.joint, tr.num_fwd_outputs)
+        what = f"{dense} dense + {moe} MoE layer(s)" if moe else f"{dense} layer(s)"
+        progress(f"  traced {what} at seq {seq}: {tr.nodes} nodes, {tr.seconds:.1f} s"
+                 + (f" (chunked: {', '.join(f'{k} x{v}' for k, v in tr.chunking.items() if v)})"
+                    if any(tr.chunking.values()) else "")
+                 + f"; activation peak {format_bytes(_noopt_peak(base) - st.resident)}")
+    return Variant(counts, st, base, mn, tr.joint, tr.nfwd, tr.chunking, tr.notes)
 
 
-def full_static(name: str, dtype, optimizer: str, fuse: bool, batch: int, seq: int) -> tuple[M.Static, Any]:
+def full_static(name: str, dtype, optimizer: Any, fuse: bool, batch: int, seq: int) -> tuple[M.Static, Any]:
     from unsloth_fx.zoo import build_model
 
     m = build_model(name, device="meta")
     rows = []
-    for p in m.parameters():
-        rows.append((p.numel(), dtype if p.is_floating_point() else p.dtype, True, False))
-    for b in m.buffers():
-        rows.append((b.numel(), b.dtype, False, True))
+    for n, p in m.named_parameters():
+        rows.append((p.numel(), dtype if p.is_floating_point() else p.dtype, True, False, n, tuple(p.shape)))
+    for n, b in m.named_buffers():
+        rows.append((b.numel(), b.dtype, False, True, n, tuple(b.shape)))
     st = M.static_breakdown(rows, optimizer, fuse)
     st.inputs = 2 * M.round_block(batch * seq * 8)  # input_ids + labels (int64)
     return st, m.config
 
 
-def estimate(name: str, *, batch: int = 1, seq: int = 2048, dtype=torch.bfloat16, optimizer: str = "adamw",
+def estimate(name: str, *, batch: int = 1, seq: int = 2048, dtype=torch.bfloat16, optimizer: Any = "adamw",
              fuse_optimizer: bool = False, budget: int | None = None, full: bool = False,
-             dev: S.DeviceModel | None = None, progress: Callable[[str], None] | None = None) -> Estimate:
-    """Predict (and, with ``budget``, plan) one training step of zoo model ``name``."""
+             dev: S.DeviceModel | None = None, progress: Callable[[str], None] | None = None,
+             chunks: int | None = None) -> Estimate:
+    """Predict (and, with ``budget``, plan) one training step of zoo model ``name``.
+
+    ``optimizer``: a spec (``unsloth_fx.memory.model.parse_optimizer``: "adamw", "hybrid",
+    "int8/int4", ...); ``fuse_optimizer``: the update runs inside backward; ``chunks``: trace
+    with apply_optimizations' chunking passes at this many chunks (None: unchunked)."""
     dev = dev or S.DeviceModel()
     st, config = full_static(name, dtype, optimizer, fuse_optimizer, batch, seq)
     n_dense, n_moe = _layers(config)
     L = n_dense + n_moe
     opt_peak = st.resident + st.gradients + st.optimizer_temp
     if full or L <= 3:
-        v = _variant(name, (n_dense, n_moe), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress) \
-            if n_moe else _variant_dense(name, L, batch, seq, dtype, optimizer, fuse_optimizer, dev, progress)
+        v = _variant(name, (n_dense, n_moe), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks)
         act_base, act_min, last, extrap, traced = v.act(v.base), v.act(v.minimum), v, False, [v.counts]
         acts = (v.act_only(v.base), v.act_only(v.minimum))
     else:
         if n_moe:
-            A = _variant(name, (1, 1), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress)
-            B = _variant(name, (1, 2), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress)
-            C = _variant(name, (2, 1), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress) if n_dense > 1 else A
+            A = _variant(name, (1, 1), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks)
+            B = _variant(name, (1, 2), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks)
+            C = _variant(name, (2, 1), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks) \
+                if n_dense > 1 else A
 
             def ext(f):
                 return f(A) + (n_dense - 1) * (f(C) - f(A)) + (n_moe - 1) * (f(B) - f(A))
             traced = [A.counts, B.counts] + ([C.counts] if C is not A else [])
         else:
-            A = _variant_dense(name, 1, batch, seq, dtype, optimizer, fuse_optimizer, dev, progress)
-            B = _variant_dense(name, 2, batch, seq, dtype, optimizer, fuse_optimizer, dev, progress)
+            A = _variant_dense(name, 1, batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks)
+            B = _variant_dense(name, 2, batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks)
 
             def ext(f):
                 return f(A) + (L - 1) * (f(B) - f(A))
@@ -160,7 +275,16 @@ def estimate(name: str, *, batch: int = 1, seq: int = 2048, dtype=torch.bfloat16
     min_peak = max(st.resident + min(act_min, act_base), opt_peak)
     traced_layers = sum(last.counts)
     est = Estimate(name, batch, seq, st, base_peak, min_peak, opt_peak, traced, extrap, last.base,
-                   scale=L / max(traced_layers, 1), activations=acts[0], min_activations=min(acts))
+                   scale=L / max(traced_layers, 1), activations=acts[0], min_activations=min(acts),
+                   act_floor=min(act_min, act_base), chunking=dict(last.chunking))
+    est.warnings.extend(dict.fromkeys(last.notes))
+    est.assumptions = list(st.assumptions)
+    if chunks:
+        done = [f"{k} x{v}" for k, v in last.chunking.items() if v]
+        est.assumptions.append("chunking credited (traced through apply_optimizations' passes): "
+                               + (", ".join(done) if done else "none applied"))
+    else:
+        est.assumptions.append("no chunking (LM head logits and MLP intermediates whole)")
     if budget is not None and base_peak > budget and min_peak <= budget:
         # plan the traced graph to the same fraction of its reducible activations
         frac = (budget - min_peak) / max(base_peak - min_peak, 1)
@@ -179,24 +303,13 @@ def _opt(st: M.Static) -> int:
     return st.resident + st.gradients + st.optimizer_temp
 
 
-def _variant_dense(name, L, batch, seq, dtype, optimizer, fuse, dev, progress) -> Variant:
-    from unsloth_fx.zoo import build_model
-
-    m = build_model(name, device="meta", num_hidden_layers=L)
-    tr = trace_model(m, batch, seq, dtype)
-    st = M.static_breakdown([(r[1], r[2], r[3], r[4]) for r in tr.params], optimizer, fuse)
-    st.inputs = M.inputs_bytes(tr.joint)
-    base = M.predict(tr.joint, tr.num_fwd_outputs, st)
-    _, mn = S.minimum_plan(tr.joint, tr.num_fwd_outputs, st, dev)
-    if progress:
-        progress(f"  traced {L} layer(s) at seq {seq}: {len(tr.joint.graph.nodes)} nodes, {tr.seconds:.1f} s; "
-                 f"activation peak {format_bytes(_noopt_peak(base) - st.resident)}")
-    return Variant((L, 0), st, base, mn, tr.joint, tr.num_fwd_outputs)
+def _variant_dense(name, L, batch, seq, dtype, optimizer, fuse, dev, progress, chunks=None) -> Variant:
+    return _variant(name, (L, 0), batch, seq, dtype, optimizer, fuse, dev, progress, chunks)
 
 
-def largest_seq(name: str, budget: int, *, batch: int = 1, dtype=torch.bfloat16, optimizer: str = "adamw",
+def largest_seq(name: str, budget: int, *, batch: int = 1, dtype=torch.bfloat16, optimizer: Any = "adamw",
                 fuse_optimizer: bool = False, start: int = 2048, granularity: int = 256, max_evals: int = 7,
-                progress: Callable[[str], None] | None = None) -> int | None:
+                progress: Callable[[str], None] | None = None, chunks: int | None = None) -> int | None:
     """Largest sequence length (multiple of ``granularity``) whose minimum plan fits ``budget``,
     by bisection over concrete sequence lengths (each step re-traces the small variants).
     None: not even ``granularity`` tokens fit."""
@@ -208,7 +321,8 @@ def largest_seq(name: str, budget: int, *, batch: int = 1, dtype=torch.bfloat16,
 
     def ok(s: int) -> bool:
         if s not in fits:
-            e = estimate(name, batch=batch, seq=s, dtype=dtype, optimizer=optimizer, fuse_optimizer=fuse_optimizer)
+            e = estimate(name, batch=batch, seq=s, dtype=dtype, optimizer=optimizer, fuse_optimizer=fuse_optimizer,
+                         chunks=chunks)
             fits[s] = e.feasible_min <= budget
             if progress:
                 progress(f"  seq {s}: smallest budget {format_bytes(e.feasible_min)} -> {'fits' if fits[s] else 'does not fit'}")
