@@ -297,6 +297,31 @@ if HAS_TRITON:
 _P_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
+if HAS_TRITON:
+    @triton.jit
+    def _bookkeep_kernel(norm_ptr, step_ptr, skips_ptr, found_ptr):
+        # one program, four scalars: what five separate torch launches did per parameter
+        n = tl.load(norm_ptr)
+        f = tl.where((n != n) | (n == float("inf")), 1.0, 0.0)  # a norm is >= 0: no -inf
+        tl.store(found_ptr, f)
+        tl.store(skips_ptr, tl.load(skips_ptr) + f)
+        tl.store(step_ptr, tl.load(step_ptr) + 1.0 - f)
+
+
+def step_bookkeeping_(grad_norm: Tensor, step: Tensor, skips: Tensor) -> Tensor:
+    """From the gradient's fp32 L2 norm (0-d): ``found_inf`` = 1.0 if it is not finite
+    else 0.0 (returned, 0-d fp32); ``skips += found_inf``; ``step += 1 - found_inf``.
+    One kernel launch where the Triton kernels run, plain torch ops elsewhere."""
+    if uses_triton(step) and grad_norm.dtype == torch.float32 and grad_norm.device == step.device:
+        found = torch.empty((), dtype=torch.float32, device=step.device)
+        _bookkeep_kernel[(1,)](grad_norm, step, skips, found, num_warps=1)
+        return found
+    found = torch.logical_not(torch.isfinite(grad_norm)).to(torch.float32)
+    skips.add_(found)
+    step.add_(1.0 - found)
+    return found
+
+
 def _launch(tier: int, param: Tensor, grad: Tensor, m: Tensor, v: Tensor,
             ms: Optional[Tensor], vs: Optional[Tensor], slot: Optional[Tensor],
             pm: Optional[Tensor], pv: Optional[Tensor], err: Optional[Tensor],

@@ -328,10 +328,12 @@ class HybridAdamW(torch.optim.Optimizer):
             # isfinite(grad).all() would allocate a bool tensor the size of the gradient.
             if grad_norm is None:
                 grad_norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
-            found_inf = torch.logical_not(torch.isfinite(grad_norm)).to(torch.float32)
-            found_inf = _all_ranks_flag(found_inf, sharded)
-            st["nonfinite_skips"].add_(found_inf)
-            st["step"].add_(1.0 - found_inf)
+            if hasattr(sharded, "device_mesh"):  # DTensor: every shard must agree before counting
+                found_inf = _all_ranks_flag(torch.logical_not(torch.isfinite(grad_norm)).to(torch.float32), sharded)
+                st["nonfinite_skips"].add_(found_inf)
+                st["step"].add_(1.0 - found_inf)
+            else:
+                found_inf = _k.step_bookkeeping_(grad_norm, st["step"], st["nonfinite_skips"])
         else:
             st["step"].add_(1.0)
         kw = dict(lr=h[0], betas=(h[1], h[2]), eps=h[3], weight_decay=h[4], step=st["step"],
