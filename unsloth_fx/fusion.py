@@ -242,15 +242,19 @@ def fused_adamw_step_(param: Tensor, grad: Tensor, name: str, slot: int, after: 
             grad = p.grad.add_(grad)
             p.grad = None
     with torch.no_grad():
-        sq = grad.detach().float().pow(2).sum()
+        # one read of the gradient, accumulated in fp32 without an fp32 copy; the optimizer's
+        # non-finite check reuses it (unclipped gradient: clipping cannot make it finite)
+        norm = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32)
+        sq = norm * norm
         b.sq_norm = sq if b.sq_norm is None else b.sq_norm + sq
         if b.clip == "per_param":
-            coef = (b.max_norm / (sq.sqrt() + _CLIP_EPS)).clamp(max=1.0)
+            coef = (b.max_norm / (norm + _CLIP_EPS)).clamp(max=1.0)
             grad = grad * coef.to(grad.dtype)
         elif b.clip == "prev_global_norm" and b.prev_norm is not None:
             coef = (b.max_norm / (b.prev_norm + _CLIP_EPS)).clamp(max=1.0)
             grad = grad * coef.to(grad.dtype)
-        opt.step_param(p, grad)
+        # a DTensor's norm is global; the optimizer checks its local shard itself
+        opt.step_param(p, grad, grad_norm=norm if type(grad) is Tensor else None)
     b.updates += 1
 
 
