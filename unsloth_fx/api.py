@@ -35,7 +35,8 @@ import torch
 
 from unsloth_fx.options import Options, format_bytes, parse_bytes
 
-__all__ = ["apply_optimizations", "build_optimizer", "check_budget", "feature_status", "BudgetCheck"]
+__all__ = ["apply_optimizations", "build_optimizer", "check_budget", "choose_tier_policy", "feature_status",
+           "BudgetCheck", "TIER_LADDER"]
 
 OPTIMIZERS = ("hybrid_adam", "adamw")
 
@@ -97,14 +98,48 @@ def build_optimizer(model: torch.nn.Module, optimizer: str | torch.optim.Optimiz
                      "or a torch.optim.Optimizer instance")
 
 
-def planner_optimizer_key(model: torch.nn.Module, optimizer: str | torch.optim.Optimizer) -> str:
-    """The planner's name (unsloth_fx.memory.model.OPTIMIZER_STATE) for the optimizer's state bytes."""
+def planner_optimizer_key(model: torch.nn.Module, optimizer: str | torch.optim.Optimizer,
+                          optimizer_options: dict[str, Any] | None = None) -> str:
+    """The planner's optimizer spec (``unsloth_fx.memory.model.parse_optimizer``) for the
+    optimizer's state bytes: "hybrid", "int8/int4", ... for HybridAdamW (its first group's
+    ``state_precision`` / ``high_precision_tier``, or ``optimizer_options``), "adamw" /
+    "adamw-bf16" for torch AdamW. An instance is counted exactly by :func:`check_budget`;
+    this string is what the plan_memory pass gets through the pipeline."""
     if isinstance(optimizer, torch.optim.Optimizer):
-        optimizer = "hybrid_adam" if type(optimizer).__name__ == "HybridAdamW" else "adamw"
+        if type(optimizer).__name__ == "HybridAdamW":
+            g = optimizer.param_groups[0]
+            return _spec(g["state_precision"], g.get("high_precision_tier", "fp32"))
+        optimizer = "adamw"
     if optimizer == "hybrid_adam":
-        return "hybrid"
+        o = optimizer_options or {}
+        return _spec(o.get("state_precision", "hybrid"), o.get("high_precision_tier", "fp32"))
     low = any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters() if p.requires_grad)
     return "adamw-bf16" if low else "adamw"
+
+
+def _spec(state_precision: str, high_precision_tier: str = "fp32") -> str:
+    from unsloth_fx.memory.model import StatePolicy
+
+    return StatePolicy(state_precision=state_precision, high_precision_tier=high_precision_tier).key
+
+
+# Optimizer-state policies apply_optimizations tries, most precise first, when the user
+# did not fix HybridAdamW's tiers: (spec, state_precision, high_precision_tier, why).
+# Evidence, docs/benchmarks.md (HybridAdamW convergence, 63M-parameter Qwen2, 1000 steps,
+# 3 seeds): int8 moments ended within the fp32 reference's seed spread (val loss 1.1351 vs
+# 1.1255, spread 1.0942-1.1547); hybrid (1.1745, +4.4%) and int4 (1.1899, +5.7%) did not.
+# That run kept embeddings fp32 (a 256-token vocabulary), so quantized *embeddings* are
+# not measured at all: the ladder gives them up only after the body's tier, and int4 last.
+TIER_LADDER = (
+    ("hybrid", "hybrid", "fp32", "HybridAdamW's default: hybrid moments, embeddings / LM head fp32 "
+                                  "(what apply_optimizations always built before)"),
+    ("int8/int8", "int8", "int8", "int8 moments everywhere but norms / biases: the only quantized tier that matched "
+                                  "the fp32 reference within its seed spread (docs/benchmarks.md)"),
+    ("hybrid/int4", "hybrid", "int4", "hybrid body, embeddings / LM head int4: hybrid missed the reference by 4.4%"),
+    ("int4/int4", "int4", "int4", "int4 moments everywhere but norms / biases: the smallest state; int4 missed the "
+                                  "reference by 5.7%"),
+)
+_TIER_KEYS = ("state_precision", "high_precision_tier", "quantize_all")
 
 
 # ----------------------------------------------------------------------------- the early check
@@ -125,6 +160,9 @@ class BudgetCheck:
     traced_layers: list[int] = field(default_factory=list)
     extrapolated: bool = False
     notes: list[str] = field(default_factory=list)
+    optimizer: str = ""  # the planner spec (or optimizer class) the state was counted for
+    state_by_tier: dict[str, int] = field(default_factory=dict)
+    assumptions: list[str] = field(default_factory=list)
 
     @property
     def feasible(self) -> bool:
@@ -136,7 +174,8 @@ class BudgetCheck:
     def summary(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("budget", "parameters", "gradients", "optimizer_state", "optimizer_temp",
                                                "static_peak", "smallest_feasible", "predicted_peak", "traced_layers",
-                                               "extrapolated", "notes")} | {"feasible": self.feasible}
+                                               "extrapolated", "notes", "optimizer", "state_by_tier",
+                                               "assumptions")} | {"feasible": self.feasible}
 
 
 def _rows(model: torch.nn.Module) -> list[tuple]:
@@ -180,29 +219,46 @@ def _meta_copy(model: torch.nn.Module, dense: int, moe: int) -> torch.nn.Module:
 
 
 def _activation_floor(model: torch.nn.Module, counts: tuple[int, int], batch: int, seq: int, optimizer: str,
-                      fuse: bool) -> tuple[int, int]:
-    """(bytes above resident at the step's peak with every activation saved, ... with the minimum plan)."""
+                      fuse: bool, chunks: int | None = None, cache: dict | None = None,
+                      notes: list[str] | None = None) -> tuple[int, int]:
+    """(bytes above resident at the step's peak with every activation saved, ... with the minimum plan).
+
+    The step is traced as the compile will run it (``unsloth_fx.memory.whole.trace_step``: with
+    ``chunks``, through the backend with the same chunking passes apply_optimizations adds).
+    ``cache`` reuses traces across optimizer policies (the trace does not depend on them)."""
     from unsloth_fx.memory import model as M
     from unsloth_fx.memory import schedule as S
-    from unsloth_fx.memory.trace import trace_model
+    from unsloth_fx.memory.whole import trace_step
 
-    m = _meta_copy(model, *counts)
-    tr = trace_model(m, batch, seq, dtype=None)
-    st = M.static_breakdown([(r[1], r[2], r[3], r[4]) for r in tr.params], optimizer, fuse)
+    key = (id(model), counts, batch, seq, chunks)
+    tr = cache.get(key) if cache is not None else None
+    if tr is None:
+        tr = trace_step(_meta_copy(model, *counts), batch, seq, dtype=None, chunks=chunks)
+        if cache is not None:
+            cache[key] = tr
+    if notes is not None:
+        notes.extend(n for n in tr.notes if n not in notes)
+    st = M.static_breakdown(tr.rows, optimizer, fuse)
     st.inputs = M.inputs_bytes(tr.joint)
-    base = M.predict(tr.joint, tr.num_fwd_outputs, st)
-    _, mn = S.minimum_plan(tr.joint, tr.num_fwd_outputs, st, S.DeviceModel())
+    base = M.predict(tr.joint, tr.nfwd, st)
+    _, mn = S.minimum_plan(tr.joint, tr.nfwd, st, S.DeviceModel())
     return base.peak - st.resident, mn.peak - st.resident
 
 
 def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | torch.optim.Optimizer = "hybrid_adam",
                  fuse_optimizer: bool = False, seq_len: int | None = None, batch_size: int = 1,
-                 device_total: int | None = None) -> BudgetCheck:
+                 device_total: int | None = None, chunks: int | None = None,
+                 optimizer_options: dict[str, Any] | None = None, _cache: dict | None = None) -> BudgetCheck:
     """Check ``target_vram`` before training; raises ``InfeasibleBudget`` when the step cannot fit.
 
     ``target_vram``: bytes, ``"7GiB"``, a fraction of ``device_total`` or None (no check).
+    ``optimizer``: ``"hybrid_adam"`` (HybridAdamW with ``optimizer_options``' tiers), ``"adamw"``,
+    a planner spec such as ``"int8/int4"``, or an optimizer instance, whose own state layout
+    is counted (the state it holds, or what its first step will allocate).
     ``seq_len`` / ``batch_size``: the training shape (tokens per row, rows); without
     ``seq_len`` only parameters + gradients + optimizer state are checked here.
+    ``chunks``: credit apply_optimizations' chunking passes (chunked LM head + CE, token-chunked
+    MLPs) at this many chunks: the floor is traced through those passes.
     """
     from unsloth_fx.memory import model as M
     from unsloth_fx.memory.schedule import InfeasibleBudget
@@ -213,13 +269,23 @@ def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | t
             raise ValueError(f"target_vram={target_vram!r} is a fraction of device memory, but the device's memory "
                              "is unknown here (CPU or meta); give bytes, e.g. '7GiB'")
         budget = int(budget * device_total)
-    key = planner_optimizer_key(model, optimizer)
-    st = M.static_breakdown(_rows(model), key, fuse_optimizer)
+    if isinstance(optimizer, str) and optimizer not in OPTIMIZERS:
+        key = optimizer  # a planner spec ("int8/int4", ...)
+        M.parse_optimizer(key)
+    else:
+        key = planner_optimizer_key(model, optimizer, optimizer_options)
+    counted = optimizer if isinstance(optimizer, torch.optim.Optimizer) else key
+    st = M.static_breakdown(_rows(model), counted, fuse_optimizer)
     static_peak = st.parameters + st.buffers + st.gradients + st.optimizer_state + st.optimizer_temp
     chk = BudgetCheck(budget, st.parameters + st.buffers, st.gradients, st.optimizer_state, st.optimizer_temp,
                       static_peak)
+    chk.optimizer, chk.state_by_tier, chk.assumptions = st.optimizer, dict(st.state_by_tier), list(st.assumptions)
+    if chunks and seq_len is not None:
+        chk.assumptions.append(f"chunked LM head + CE and token-chunked MLPs ({chunks} chunks), traced through "
+                               "the same passes")
+    temp_name = "largest gradient + its fused update" if fuse_optimizer else "optimizer step temporaries"
     text = (f"parameters {format_bytes(chk.parameters)} + gradients {format_bytes(st.gradients)} + optimizer state "
-            f"{format_bytes(st.optimizer_state)} ({key}) + optimizer step temporaries {format_bytes(st.optimizer_temp)}")
+            f"{format_bytes(st.optimizer_state)} ({st.optimizer}) + {temp_name} {format_bytes(st.optimizer_temp)}")
     if budget is not None and static_peak > budget:
         smallest = int(math.ceil(static_peak / 2**20) * 2**20)
         hint = "" if fuse_optimizer else "; fusing the optimizer into backward (fuse_optimizer) would drop the gradients"
@@ -239,29 +305,39 @@ def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | t
         return chk
     dense, moe = _layers(config)
     L = dense + moe
+    # the floor's own static bytes only set its resident baseline: count it with the spec
+    fk = dict(optimizer=key, fuse=fuse_optimizer, chunks=chunks, cache=_cache, notes=chk.notes)
     if L <= 3:
-        act, act_min = _activation_floor(model, (dense, moe), batch_size, seq_len, key, fuse_optimizer)
+        act, act_min = _activation_floor(model, (dense, moe), batch_size, seq_len, **fk)
         chk.traced_layers = [L]
     elif moe:
-        A = _activation_floor(model, (1, 1), batch_size, seq_len, key, fuse_optimizer)
-        B = _activation_floor(model, (1, 2), batch_size, seq_len, key, fuse_optimizer)
-        C = _activation_floor(model, (2, 1), batch_size, seq_len, key, fuse_optimizer) if dense > 1 else A
+        A = _activation_floor(model, (1, 1), batch_size, seq_len, **fk)
+        B = _activation_floor(model, (1, 2), batch_size, seq_len, **fk)
+        C = _activation_floor(model, (2, 1), batch_size, seq_len, **fk) if dense > 1 else A
         act, act_min = (A[i] + (dense - 1) * (C[i] - A[i]) + (moe - 1) * (B[i] - A[i]) for i in (0, 1))
         chk.traced_layers, chk.extrapolated = [2, 3], True
     else:
-        A = _activation_floor(model, (1, 0), batch_size, seq_len, key, fuse_optimizer)
-        B = _activation_floor(model, (2, 0), batch_size, seq_len, key, fuse_optimizer)
+        A = _activation_floor(model, (1, 0), batch_size, seq_len, **fk)
+        B = _activation_floor(model, (2, 0), batch_size, seq_len, **fk)
         act, act_min = (A[i] + (L - 1) * (B[i] - A[i]) for i in (0, 1))
         chk.traced_layers, chk.extrapolated = [1, 2], True
     resident = st.parameters + st.buffers + st.optimizer_state
     opt_peak = resident + st.gradients + st.optimizer_temp
     chk.predicted_peak = max(resident + act, opt_peak)
-    chk.smallest_feasible = int(math.ceil(max(resident + min(act, act_min), opt_peak) / 2**20) * 2**20)
+    floor = max(resident + min(act, act_min), opt_peak)
+    chk.smallest_feasible = int(math.ceil(floor / 2**20) * 2**20)
     if budget is not None and chk.smallest_feasible > budget:
-        acts = max(chk.smallest_feasible - resident - st.gradients, 0)
+        if resident + min(act, act_min) >= opt_peak:
+            # at the peak: resident bytes + activations and the gradients alive then (all terms exact, summed)
+            acts = min(act, act_min)
+            terms = (f"parameters {format_bytes(chk.parameters)} + optimizer state {format_bytes(st.optimizer_state)} "
+                     f"({st.optimizer}) + minimum activations and in-flight gradients {format_bytes(acts)}")
+        else:
+            acts = 0
+            terms = text
         raise InfeasibleBudget(
-            f"target_vram={format_bytes(budget)} is infeasible for batch {batch_size} x seq {seq_len}: {text} + "
-            f"minimum activations {format_bytes(acts)}"
+            f"target_vram={format_bytes(budget)} is infeasible for batch {batch_size} x seq {seq_len}: {terms} = "
+            f"{format_bytes(floor)}"
             + (f" (extrapolated from {chk.traced_layers} traced layers)" if chk.extrapolated else "")
             + f"; smallest feasible budget {format_bytes(chk.smallest_feasible)}",
             smallest_feasible=chk.smallest_feasible,
@@ -294,6 +370,11 @@ def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optim
     * ``target_vram``: bytes, ``"7GiB"``, a fraction of the card's memory, or None (no budget).
     * ``optimizer``: ``"hybrid_adam"`` (HybridAdamW) or ``"adamw"`` (torch AdamW); ``lr`` its learning rate;
       ``optimizer_options`` go to its constructor.
+    * Optimizer-state tiers: with ``"hybrid_adam"``, a ``target_vram`` and no tier in ``optimizer_options``
+      (``state_precision`` / ``high_precision_tier`` / ``quantize_all``), the first policy of
+      :data:`TIER_LADDER` (most precise first) that fits is chosen (:func:`choose_tier_policy`), printed,
+      and recorded in ``ufx_report["optimizer_policy"]``; none fitting raises ``InfeasibleBudget`` with
+      each policy's smallest feasible budget. The final check counts the built optimizer's own layout.
     * ``seq_len``, ``batch_size``: the training shape, for the before-training activation check.
     * ``fuse_optimizer``: run the update inside backward (HybridAdamW only; ``unsloth_fx.fusion.attach``
       binds it with ``grad_accum`` micro-batches per step); None = on when available and the optimizer is
@@ -304,42 +385,97 @@ def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optim
     * other ``options``: backend options (``lower``, ``dump``, ``share_weights``, ``pipeline``, ``verify``, ...).
     """
     features = feature_status()
-    opt = build_optimizer(model, optimizer, lr, **(optimizer_options or {}))
-    hybrid = type(opt).__name__ == "HybridAdamW"
+    optimizer_options = dict(optimizer_options or {})
+    hybrid = optimizer == "hybrid_adam" or type(optimizer).__name__ == "HybridAdamW"
     if fuse_optimizer is None:
         fuse_optimizer = features["fuse_optimizer"] == "available" and hybrid
     elif fuse_optimizer and features["fuse_optimizer"] != "available":
         raise NotImplementedError("fuse_optimizer=True: the in-backward optimizer update is not available yet "
                                   "(no unsloth_fx.fusion.attach); pass fuse_optimizer=False")
     elif fuse_optimizer and not hybrid:
-        raise ValueError(f"fuse_optimizer=True needs optimizer='hybrid_adam' (HybridAdamW), got {type(opt).__name__}")
+        raise ValueError(f"fuse_optimizer=True needs optimizer='hybrid_adam' (HybridAdamW), got "
+                         f"{optimizer if isinstance(optimizer, str) else type(optimizer).__name__}")
+    from unsloth_fx.memory.whole import chunk_passes
+
+    pipeline = options.pop("pipeline", None)
+    chunking = False
+    if pipeline is None:
+        pipeline = "default,plan_memory{optimizer={OPTIMIZER}}"  # the spec is known once the optimizer is built
+        if chunk_lm_head and _is_hf_causal_lm(model):
+            need = {"split_token_chunks": "chunked_mlp", "fuse_linear_cross_entropy": "chunked_lm_head_ce"}
+            passes = [p for p in chunk_passes(chunks) if features[need[p.split("{")[0]]] == "available"]
+            if any(p.startswith("fuse_linear_cross_entropy") for p in passes):
+                from unsloth_fx.runtime.linear_cross_entropy import patch_causal_lm
+
+                patch_causal_lm(model)
+            pipeline += "".join(",+" + p for p in passes)
+            # the early check traces with both passes; credit chunking only when the compile runs both
+            chunking = len(passes) == 2
+    else:
+        chunking = all(p.split("{")[0] in pipeline for p in chunk_passes(chunks))
+    # with gradient accumulation the fused update keeps every gradient between micro-batches
+    check_kw = dict(fuse_optimizer=bool(fuse_optimizer) and grad_accum == 1, seq_len=seq_len, batch_size=batch_size,
+                    device_total=_device_total(model), chunks=chunks if chunking else None, _cache={})
+    policy = None
+    if (check and target_vram is not None and optimizer == "hybrid_adam"
+            and not any(k in optimizer_options for k in _TIER_KEYS)):
+        policy = choose_tier_policy(model, target_vram, **check_kw)
+        optimizer_options.update(state_precision=policy["state_precision"],
+                                 high_precision_tier=policy["high_precision_tier"])
+        print(f"unsloth_fx.apply_optimizations: optimizer state {policy['chosen']} ({policy['why']}); "
+              f"smallest feasible budget {format_bytes(policy['smallest_feasible'])} <= "
+              f"{format_bytes(policy['budget'])}")
+    opt = build_optimizer(model, optimizer, lr, **optimizer_options)
     if fuse_optimizer:
         from unsloth_fx.fusion import attach
 
         attach(model, opt, accumulation_steps=grad_accum)
     chk = None
     if check:
-        chk = check_budget(model, target_vram, optimizer=optimizer, fuse_optimizer=bool(fuse_optimizer),
-                           seq_len=seq_len, batch_size=batch_size, device_total=_device_total(model))
-    key = planner_optimizer_key(model, optimizer)
-    pipeline = options.pop("pipeline", None)
-    if pipeline is None:
-        pipeline = f"default,plan_memory{{optimizer={key}}}"
-        if chunk_lm_head and _is_hf_causal_lm(model):
-            if features["chunked_mlp"] == "available":
-                pipeline += f",+split_token_chunks{{chunks={chunks}}}"
-            if features["chunked_lm_head_ce"] == "available":
-                from unsloth_fx.runtime.linear_cross_entropy import patch_causal_lm
-
-                patch_causal_lm(model)
-                pipeline += f",+fuse_linear_cross_entropy{{chunks={chunks}}}"
+        # the optimizer itself: its exact state layout
+        chk = check_budget(model, target_vram, optimizer=opt, **check_kw)
+    key = planner_optimizer_key(model, opt)
+    pipeline = pipeline.replace("{OPTIMIZER}", key)
     backend_options = {"memory_budget": target_vram, "fuse_optimizer": bool(fuse_optimizer), "pipeline": pipeline,
                        **options}
     Options.from_user(backend_options)  # bad options fail here, not on the first step
     compiled = torch.compile(model, backend="unsloth", options=backend_options, dynamic=dynamic)
     compiled.ufx_report = {"check": chk.summary() if chk else None, "options": backend_options,
-                           "features": features, "optimizer": type(opt).__name__}
+                           "features": features, "optimizer": type(opt).__name__,
+                           "optimizer_policy": policy or {"chosen": key, "why": "fixed by the caller"
+                                                          if hybrid else "not HybridAdamW: no tier choice"},
+                           "assumptions": (chk.assumptions if chk else []) + (
+                               ["chunked LM head + CE and token-chunked MLPs in the pipeline"] if chunking else [])}
     return compiled, opt
+
+
+def choose_tier_policy(model: torch.nn.Module, target_vram: Any, **check_kw: Any) -> dict[str, Any]:
+    """The first HybridAdamW state policy of :data:`TIER_LADDER` (most precise first) whose
+    step fits ``target_vram``, by :func:`check_budget` (``check_kw``: its keywords).
+
+    Returns {"chosen", "state_precision", "high_precision_tier", "why", "smallest_feasible",
+    "budget", "tried": [{"policy", "smallest_feasible", "fits"}]}; raises the last
+    policy's ``InfeasibleBudget`` (with every policy's smallest budget) when none fits."""
+    from unsloth_fx.memory.schedule import InfeasibleBudget
+
+    tried: list[dict[str, Any]] = []
+    last: InfeasibleBudget | None = None
+    for spec, sp, hp, why in TIER_LADDER:
+        try:
+            chk = check_budget(model, target_vram, optimizer=spec, **check_kw)
+        except InfeasibleBudget as e:
+            tried.append({"policy": spec, "smallest_feasible": e.smallest_feasible, "fits": False})
+            last = e
+            continue
+        need = chk.smallest_feasible if chk.smallest_feasible is not None else chk.static_peak
+        tried.append({"policy": spec, "smallest_feasible": need, "fits": True})
+        return {"chosen": spec, "state_precision": sp, "high_precision_tier": hp, "why": why,
+                "smallest_feasible": need, "budget": chk.budget, "tried": tried}
+    assert last is not None
+    listing = ", ".join(f"{t['policy']} {format_bytes(t['smallest_feasible'])}" for t in tried)
+    raise InfeasibleBudget(f"{last}. No HybridAdamW state policy fits; smallest feasible budget per policy "
+                           f"(most precise first): {listing}", smallest_feasible=min(
+                               t["smallest_feasible"] for t in tried), breakdown=last.breakdown)
 
 
 def env_options() -> dict[str, str]:
