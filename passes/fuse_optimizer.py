@@ -212,6 +212,7 @@ def fuse_optimizer(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                 node = graph.call_function(op, (primals[i], grads[i], info.name, fusion.slot_for(info.tensor, b),
                                                 live))
             node.meta["val"] = None
+            pos[node] = at  # it runs right after its anchor: later _live_across calls see it as a user there
             _compat.tag_must_be_in_backward(node)
             rec = ufx(node)
             rec.param = info.name

@@ -72,6 +72,29 @@ def _missing_peers(s: dict[str, Any]) -> list[str]:
     return [m for m in need if importlib.util.find_spec(m) is None]
 
 
+def _timing_lock():
+    """An exclusive file lock on $UFX_BENCH_LOCK (set by whoever runs several suites at
+    once on one GPU, e.g. one process per variant), so timed steps never overlap; a no-op
+    context otherwise. Compilation (step 1) stays outside it."""
+    import contextlib
+    import fcntl
+
+    path = os.environ.get("UFX_BENCH_LOCK")
+    if not path:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def held():
+        with open(path, "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    return held()
+
+
 def run_variant(cfg: dict[str, Any]) -> dict[str, Any]:
     """Train one variant in this process; returns its record (raises on OOM / errors)."""
     import torch
@@ -123,7 +146,10 @@ def run_variant(cfg: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
     times, losses = [], []
+    lock = _timing_lock()
     for i in range(cfg["steps"]):
+        if i == 1:  # step 0 compiles (host work); the timed steps hold the GPU lock, if any
+            lock.__enter__()
         x, y = next(batches)
         x, y = x.to(device), y.to(device)
         t0 = time.perf_counter()
@@ -137,6 +163,8 @@ def run_variant(cfg: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         _say(f"    step {i + 1}/{cfg['steps']}  loss {losses[-1]:.4f}  {times[-1]:.3f} s")
+    if cfg["steps"] > 1:
+        lock.__exit__(None, None, None)
     steady = times[2:] or times[-1:]
     step_s = statistics.median(steady)
     return {
