@@ -279,10 +279,11 @@ def estimate(name: str, *, batch: int = 1, seq: int = 2048, dtype=torch.bfloat16
                    act_floor=min(act_min, act_base), chunking=dict(last.chunking))
     est.warnings.extend(dict.fromkeys(last.notes))
     est.assumptions = list(st.assumptions)
-    if chunks:
-        done = [f"{k} x{v}" for k, v in last.chunking.items() if v]
-        est.assumptions.append("chunking credited (traced through apply_optimizations' passes): "
-                               + (", ".join(done) if done else "none applied"))
+    done = [f"{k} x{v}" for k, v in last.chunking.items() if v]
+    if chunks and done:
+        est.assumptions.append("chunking credited (traced through apply_optimizations' passes): " + ", ".join(done))
+    elif chunks:
+        est.assumptions.append("no chunking credited (see the warning for why)")
     else:
         est.assumptions.append("no chunking (LM head logits and MLP intermediates whole)")
     if budget is not None and base_peak > budget and min_peak <= budget:
