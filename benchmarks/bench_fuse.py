@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -75,18 +76,22 @@ def child(a: argparse.Namespace) -> dict:
     step()  # compile + first step (state allocation)
     sync()
     first_s = time.perf_counter() - t0
-    for _ in range(a.warmup):
-        step()
-    sync()
-    if dev == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times, grad_bytes = [], 0
-    for _ in range(a.steps):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _lock import timed_section  # no two benchmark cells time at once (UFX_BENCH_LOCK)
+
+    with timed_section():
+        for _ in range(a.warmup):
+            step()
         sync()
-        t = time.perf_counter()
-        grad_bytes = step()
-        sync()
-        times.append(time.perf_counter() - t)
+        if dev == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times, grad_bytes = [], 0
+        for _ in range(a.steps):
+            sync()
+            t = time.perf_counter()
+            grad_bytes = step()
+            sync()
+            times.append(time.perf_counter() - t)
     out = {
         "variant": a.variant, "model": a.model, "seq": a.seq, "batch": a.batch, "tier": a.tier,
         "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu",
