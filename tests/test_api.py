@@ -18,7 +18,7 @@ def _tiny(**kw):
 def test_returns_a_compiled_model_planned_to_the_target_and_a_hybrid_optimizer():
     model = _tiny()
     compiled, opt = apply_optimizations(model, target_vram="64MiB", lr=3e-3, lower="eager", seq_len=64, batch_size=2,
-                                       optimizer_options={"implementation": "reference"})  # no Triton interpreter
+                                       chunks=8, optimizer_options={"implementation": "reference"})  # no interpreter
     assert isinstance(opt, HybridAdamW)
     rep = compiled.ufx_report
     assert rep["options"]["memory_budget"] == "64MiB"
@@ -116,3 +116,23 @@ def test_example_train_r1_distill_cpu_mode(capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "trained 3 steps: loss 6." in out
+
+
+@pytest.mark.parametrize("budget,chunked", [("64MiB", False), ("2560KiB", True)])
+def test_chunks_auto_chunks_only_when_the_unchunked_step_does_not_fit(budget, chunked):
+    # tiny-qwen2, batch 2 x seq 64, fused hybrid: smallest feasible 3 MiB unchunked, 2 MiB chunked
+    model = _tiny()
+    compiled, _ = apply_optimizations(model, target_vram=budget, lr=3e-3, lower="eager", seq_len=64, batch_size=2,
+                                      optimizer_options={"implementation": "reference"})
+    pipe = compiled.ufx_report["options"]["pipeline"]
+    assert ("+split_token_chunks{chunks=8}" in pipe) is chunked, pipe
+    assert ("+fuse_linear_cross_entropy{chunks=8}" in pipe) is chunked, pipe
+    x = torch.randint(0, 512, (2, 64))
+    out = compiled(input_ids=x, labels=x)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+
+
+def test_chunks_must_be_auto_or_a_positive_int():
+    with pytest.raises(ValueError, match="chunks=0"):
+        apply_optimizations(_tiny(), target_vram="64MiB", chunks=0, lower="eager")

@@ -358,7 +358,7 @@ def _device_total(model: torch.nn.Module) -> int | None:
 
 def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optimizer: str = "hybrid_adam",
                         lr: float = 1e-5, *, seq_len: int | None = None, batch_size: int = 1,
-                        fuse_optimizer: bool | None = None, chunk_lm_head: bool = True, chunks: int = 8,
+                        fuse_optimizer: bool | None = None, chunk_lm_head: bool = True, chunks: int | str = "auto",
                         grad_accum: int = 1, optimizer_options: dict[str, Any] | None = None, dynamic: bool | None = None,
                         check: bool = True, **options: Any) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """Compile ``model`` for training within ``target_vram`` and build its optimizer.
@@ -381,7 +381,10 @@ def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optim
       HybridAdamW. True when it is not available raises, so a user who asked for it knows.
     * ``chunk_lm_head``: patch a transformers ``*ForCausalLM`` to drop logits in training
       (``patch_causal_lm``) and add the chunked LM-head cross-entropy and MLP passes
-      (``chunks`` token chunks each).
+      (``chunks`` token chunks each). ``chunks="auto"`` (default): with ``seq_len``, a budget and
+      ``check``, no chunking when the unchunked step fits the budget with the optimizer asked for
+      (HybridAdamW's default tiers when it chooses them), since chunking costs throughput (23-25% on
+      r1-distill-qwen-1.5b, docs/benchmarks.md); else 8 chunks. Without that information: 8.
     * other ``options``: backend options (``lower``, ``dump``, ``share_weights``, ``pipeline``, ``verify``, ...).
     """
     features = feature_status()
@@ -399,6 +402,24 @@ def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optim
 
     pipeline = options.pop("pipeline", None)
     chunking = False
+    if chunks == "auto":
+        chunks = 8
+        if (pipeline is None and chunk_lm_head and check and seq_len is not None and target_vram is not None
+                and _is_hf_causal_lm(model)):
+            from unsloth_fx.memory.schedule import InfeasibleBudget
+
+            first = optimizer if (optimizer != "hybrid_adam" or any(k in optimizer_options for k in _TIER_KEYS)) \
+                else TIER_LADDER[0][0]
+            try:
+                check_budget(model, target_vram, optimizer=first, fuse_optimizer=bool(fuse_optimizer) and grad_accum == 1,
+                             seq_len=seq_len, batch_size=batch_size, device_total=_device_total(model),
+                             optimizer_options=optimizer_options if first == optimizer else None, _cache={})
+                chunk_lm_head = False  # fits unchunked: keep the faster graph
+                print("unsloth_fx.apply_optimizations: the unchunked step fits the budget; no chunking")
+            except InfeasibleBudget:
+                pass
+    elif not (isinstance(chunks, int) and chunks >= 1):
+        raise ValueError(f"chunks={chunks!r}: expected a positive int or 'auto'")
     if pipeline is None:
         pipeline = "default,plan_memory{optimizer={OPTIMIZER}}"  # the spec is known once the optimizer is built
         if chunk_lm_head and _is_hf_causal_lm(model):
