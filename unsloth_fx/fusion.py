@@ -210,7 +210,6 @@ def _end_step(b: Binding) -> None:
 # the op the backward graph calls
 # --------------------------------------------------------------------------
 
-@torch.library.custom_op("unsloth_fx::fused_adamw_step_", mutates_args=("param",))
 def fused_adamw_step_(param: Tensor, grad: Tensor, name: str, slot: int, after: list[Tensor]) -> None:
     """Update parameter ``slot`` (``name`` is for people reading the graph) with
     ``grad`` through its bound optimizer, in place; see the module doc.
@@ -258,7 +257,17 @@ def fused_adamw_step_(param: Tensor, grad: Tensor, name: str, slot: int, after: 
     b.updates += 1
 
 
-@fused_adamw_step_.register_fake
+# Registered through the low-level Library API with one CompositeExplicitAutograd kernel rather
+# than torch.library.custom_op: the op runs once per parameter per step inside backward, and
+# custom_op's Python autograd and ADInplaceOrView wrappers cost about 60% of its host time
+# (cProfile, benchmarks/bench_update_overhead.py). The schema (mutable param) is the same, so
+# tracing and functionalization see the same op; torch's C++ autograd fallback bumps the version.
+_LIB = torch.library.Library("unsloth_fx", "FRAGMENT")
+_LIB.define("fused_adamw_step_(Tensor(a!) param, Tensor grad, str name, SymInt slot, Tensor[] after) -> ()")
+_LIB.impl("fused_adamw_step_", fused_adamw_step_, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("unsloth_fx::fused_adamw_step_", lib=_LIB)
 def _(param, grad, name, slot, after):
     return None
 
