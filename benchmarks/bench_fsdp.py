@@ -46,6 +46,8 @@ def _args(argv=None):
     ap.add_argument("--variants", default="stock,unsloth")
     ap.add_argument("--out", default=None, help="JSON results (rank 0 writes)")
     ap.add_argument("--smoke", action="store_true")
+    if argv is None and "UFX_FSDP_ARGV" in os.environ:  # a torchrun child: the parent's arguments
+        argv = json.loads(os.environ["UFX_FSDP_ARGV"])
     a = ap.parse_args(argv)
     if a.smoke:
         a.model, a.seq, a.batch, a.steps, a.warmup, a.nproc = "tiny-qwen2", 32, 1, 2, 1, 2
@@ -57,8 +59,11 @@ def _launch(a) -> int:
     env = dict(os.environ)
     if a.smoke:
         env.setdefault("OMP_NUM_THREADS", "1")
+    # the arguments travel in the environment: torchrun's parser (torch 2.11, Python 3.12) takes
+    # "--nproc" after the script name for an abbreviation of its own --nproc-per-node
+    env["UFX_FSDP_ARGV"] = json.dumps(sys.argv[1:])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
-           os.path.abspath(__file__), *sys.argv[1:]]
+           os.path.abspath(__file__)]
     return subprocess.call(cmd, env=env)
 
 
