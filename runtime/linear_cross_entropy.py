@@ -87,6 +87,82 @@ def chunk_tokens(tokens: int, chunks: int, chunk_size: int) -> int:
     return max(1, math.ceil(tokens / max(1, chunks)))
 
 
+def _forward_impl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    chunks: int,
+    chunk_size: int,
+    reduction: str,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The real kernel of the op (a plain function so tests can count the aten ops it runs).
+
+    Per chunk of ``c`` tokens (``V`` = vocab; ``x`` = the logits in the weight dtype):
+    ``x = h @ W.T``; ``m = amax(x)`` (exact in the weight dtype); ``e = exp(x - m)`` in one fp32
+    buffer (``x - m`` promotes to fp32, which equals ``x.float() - m``, so no separate fp32 copy of
+    the logits); ``lse = log(sum(e)) + m`` (the same arithmetic ``torch.logsumexp`` does, without its
+    second ``c x V`` temporary); ``d loss/d logits = (e / sum(e) - onehot) * valid * scale`` is written
+    straight into the dead ``x`` buffer (bf16/fp16) or in place (fp32). Per-token ``lse`` and target
+    logits go into ``[tokens]`` buffers and are reduced once at the end. Peak inside a chunk:
+    ``c x V x logit_bytes(dtype)`` (fp32 buffer + weight-dtype buffer), as ``logit_bytes`` states.
+    """
+    _check(hidden, weight, labels, chunks, chunk_size, reduction)
+    H = weight.shape[1]
+    h2 = hidden.reshape(-1, H)
+    y = labels.reshape(-1).to(torch.int64)
+    T, V = h2.shape[0], weight.shape[0]
+    dev = h2.device
+    valid = y != ignore_index
+    if T:
+        in_range = ~valid | ((y >= 0) & (y < V))
+        torch._assert_async(in_range.all(), "linear_cross_entropy: a label is outside [0, vocab) and not ignore_index")
+    n_valid = valid.sum()
+    tgt = torch.where(valid, y, 0)[:, None]  # ignored tokens gather / scatter at column 0, weighted by 0
+    validf = valid.to(torch.float32)
+    lse = torch.empty(T, dtype=torch.float32, device=dev)
+    target_logit = torch.empty(T, dtype=torch.float32, device=dev)
+    fp32_weight = weight.dtype == torch.float32
+    if compute_grad:
+        # Gradient weight per token: valid / max(n, 1) for mean (all-ignored batches get zero gradient
+        # instead of 0/0), valid for sum.
+        coef = validf / n_valid.clamp(min=1).to(torch.float32) if reduction == "mean" else validf
+        grad_h = torch.empty_like(h2)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    wt = weight.t()
+    step = chunk_tokens(T, chunks, chunk_size)
+    for s in range(0, T, step):
+        e = min(s + step, T)
+        hc, tc = h2[s:e], tgt[s:e]
+        x = torch.mm(hc, wt)  # HF: lm_head in the weight dtype, then .float()
+        m = x.amax(1, keepdim=True)
+        target_logit[s:e, None] = x.gather(1, tc)  # copy_ upcasts exactly
+        m = m.float().masked_fill_(m.isinf(), 0.0)  # as torch.logsumexp: an infinite max shifts by 0
+        ex = x.sub_(m) if fp32_weight else torch.sub(x, m)  # fp32 either way
+        ex.exp_()
+        sums = ex.sum(1, keepdim=True)
+        torch.add(sums.log(), m, out=lse[s:e, None])
+        if not compute_grad:
+            continue
+        # (e / sum - onehot) * k  ==  (e - sum * onehot) * (k / sum); k = coef (0 for ignored tokens).
+        ex.scatter_add_(1, tc, sums.mul(validf[s:e, None]).neg_())
+        kc = coef[s:e, None].div(sums)
+        g = ex.mul_(kc) if fp32_weight else torch.mul(ex, kc, out=x)  # HF's grad through .float() is cast back
+        del ex
+        torch.mm(g, weight, out=grad_h[s:e])
+        if fp32_weight:
+            grad_w.addmm_(g.t(), hc)
+        else:
+            grad_w.add_(torch.mm(g.t(), hc))  # one rounding per chunk to the weight dtype, fp32 accumulation
+        del g, x
+    loss_sum = torch.where(valid, lse - target_logit, 0.0).sum()
+    loss = loss_sum / n_valid.to(torch.float32) if reduction == "mean" else loss_sum
+    if not compute_grad:
+        return loss, h2.new_empty(0), weight.new_empty(0)
+    return loss, grad_h.view_as(hidden), grad_w.to(weight.dtype)
+
+
 @torch.library.custom_op("unsloth_fx::linear_cross_entropy", mutates_args=())
 def _linear_cross_entropy(
     hidden: torch.Tensor,
@@ -98,48 +174,7 @@ def _linear_cross_entropy(
     reduction: str = "mean",
     compute_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check(hidden, weight, labels, chunks, chunk_size, reduction)
-    H = weight.shape[1]
-    h2 = hidden.reshape(-1, H)
-    y = labels.reshape(-1).to(torch.int64)
-    T, V = h2.shape[0], weight.shape[0]
-    valid = y != ignore_index
-    if T:
-        in_range = ~valid | ((y >= 0) & (y < V))
-        torch._assert_async(in_range.all(), "linear_cross_entropy: a label is outside [0, vocab) and not ignore_index")
-    n_valid = valid.sum()
-    # Gradient scale: 1/n for mean; max(n, 1) keeps all-ignored batches at zero gradient instead of 0/0.
-    scale = (1.0 / n_valid.clamp(min=1).to(torch.float32)) if reduction == "mean" else torch.ones((), device=h2.device)
-    loss_sum = torch.zeros((), dtype=torch.float32, device=h2.device)
-    fp32_weight = weight.dtype == torch.float32
-    if compute_grad:
-        grad_h = torch.empty_like(h2)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    step = chunk_tokens(T, chunks, chunk_size)
-    for s in range(0, T, step):
-        hc, yc, vc = h2[s:s + step], y[s:s + step], valid[s:s + step]
-        logits = (hc @ weight.t()).float()  # HF: lm_head in the weight dtype, then .float()
-        lse = torch.logsumexp(logits, dim=-1)
-        tgt = torch.where(vc, yc, 0)
-        target_logit = logits.gather(1, tgt[:, None]).squeeze(1)
-        loss_sum = loss_sum + torch.where(vc, lse - target_logit, 0.0).sum()
-        if not compute_grad:
-            continue
-        # d loss / d logits = (softmax - onehot) * valid * scale, built in place in the chunk's buffer.
-        probs = logits.sub_(lse[:, None]).exp_()
-        probs.scatter_add_(1, tgt[:, None], -vc.to(probs.dtype)[:, None])
-        probs.mul_((vc.to(probs.dtype) * scale)[:, None])
-        g = probs if fp32_weight else probs.to(weight.dtype)  # HF's grad through .float() is cast back
-        del logits, probs
-        grad_h[s:s + step] = g @ weight
-        if fp32_weight:
-            grad_w.addmm_(g.t(), hc)
-        else:
-            grad_w.add_(g.t() @ hc)  # one rounding per chunk to the weight dtype, fp32 accumulation
-    loss = loss_sum / n_valid.to(torch.float32) if reduction == "mean" else loss_sum
-    if not compute_grad:
-        return loss, h2.new_empty(0), weight.new_empty(0)
-    return loss, grad_h.view_as(hidden), grad_w.to(weight.dtype)
+    return _forward_impl(hidden, weight, labels, ignore_index, chunks, chunk_size, reduction, compute_grad)
 
 
 @_linear_cross_entropy.register_fake
@@ -154,18 +189,53 @@ def _(hidden, weight, labels, ignore_index=-100, chunks=4, chunk_size=0, reducti
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     _, grad_h, grad_w = output
     ctx.compute_grad = inputs[7]
+    ctx.scaled_in_place = False
+    # grad_hidden / grad_weight outputs get no tangent in practice; without this autograd would
+    # materialize zeros of their shape (one more vocab x hidden tensor) before calling _backward.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad_h, grad_w)
 
 
+def _is_one_without_sync(g: torch.Tensor) -> bool:
+    """Whether ``g`` is exactly 1 (``loss.backward()`` of the mean loss), checked only where reading
+    it costs no device sync (a CPU tensor); elsewhere the multiply runs (in place, so memory is the
+    same; only ~2 bytes x size of traffic)."""
+    return g.device.type == "cpu" and g.numel() == 1 and bool(g.item() == 1.0)
+
+
 def _backward(ctx: Any, grad_loss: torch.Tensor, _g1: Any, _g2: Any) -> tuple:
+    """Scale the saved gradients by ``grad_loss``.
+
+    Eager (real tensors, grad mode off: ordinary ``.backward()``): in place, so the saved
+    ``grad_weight`` buffer becomes the returned gradient (AccumulateGrad then adopts it as ``.grad``)
+    and no second vocab x hidden tensor is made; skipped when ``grad_loss`` is exactly 1 on CPU.
+    After an in-place scale the saved values are gone: a second backward through the same graph
+    (``retain_graph=True``) raises instead of returning doubly scaled gradients. Traced (fake /
+    functional tensors under AOTAutograd) or ``create_graph=True``: out of place, as before
+    (functionalization would turn an in-place op into the same ``mul`` anyway).
+    Values are identical on every path (``x * s`` in the tensor dtype, or ``x`` when ``s == 1``).
+    """
     if not ctx.compute_grad:
         raise RuntimeError(
             "linear_cross_entropy was called with compute_grad=False, so it kept no gradients; "
             "call it with compute_grad=True to train"
         )
+    if ctx.scaled_in_place:
+        raise RuntimeError(
+            "linear_cross_entropy: backward ran twice through the same graph (retain_graph=True) after the "
+            "first backward scaled its saved gradients in place by a grad_output != 1; the unscaled "
+            "gradients are gone. Run the forward again for each backward, or backward with a grad_output of 1"
+        )
     grad_h, grad_w = ctx.saved_tensors
-    return (grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype),
-            None, None, None, None, None, None)
+    eager = (type(grad_loss) is torch.Tensor and type(grad_w) is torch.Tensor and not torch.is_grad_enabled())
+    if not eager:
+        return (grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype),
+                None, None, None, None, None, None)
+    if not _is_one_without_sync(grad_loss):
+        ctx.scaled_in_place = True
+        grad_h.mul_(grad_loss.to(grad_h.dtype))
+        grad_w.mul_(grad_loss.to(grad_w.dtype))
+    return grad_h, grad_w, None, None, None, None, None, None
 
 
 _linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
