@@ -21,20 +21,25 @@ T, H, V = 24, 12, 50  # tokens, hidden, vocab; chunks of 6 tokens with chunks=4 
 
 
 class Tracker(TorchDispatchMode):
-    """Every op's name and the tensors it touches; after each op, the live fresh allocations."""
+    """Every op's name and the tensors it touches; after each op, the fresh allocations still alive.
+
+    Liveness is tracked per storage (weak references to ``untyped_storage()``, which torch keeps
+    alive exactly as long as the C++ storage): autograd saves an op's outputs as new tensor objects
+    sharing the storage, and AccumulateGrad adopts a gradient through ``detach()``, so tensor
+    objects would under-count."""
 
     def __init__(self):
         super().__init__()
-        self.live: list[weakref.ref] = []
+        self.live: list[tuple[weakref.ref, tuple[int, ...], int]] = []  # (storage, shape at allocation, bytes)
         self.allocated: list[tuple[tuple[int, ...], int]] = []  # (shape, data_ptr) of every fresh allocation
         self.ops: list[tuple[str, list[tuple[int, ...]]]] = []
-        self.max_vh = 0  # most [V, H] tensors alive at once (any dtype)
+        self.max_vh = 0  # most [V, H] allocations alive at once (any dtype)
         self.at_max = ""
-        self.chunk_bytes_peak = 0  # most bytes of [<=chunk, V] buffers alive at once
+        self.chunk_bytes_peak = 0  # most bytes of [<=T, V] buffers alive at once
 
     def _alive(self):
-        self.live = [r for r in self.live if r() is not None]
-        return [r() for r in self.live]
+        self.live = [e for e in self.live if e[0]() is not None]
+        return self.live
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -43,14 +48,15 @@ class Tracker(TorchDispatchMode):
         outs = [o for o in tree_leaves(out) if isinstance(o, torch.Tensor)]
         self.ops.append((str(func), [tuple(t.shape) for t in ins + outs]))
         for o in outs:
-            if not o._is_view() and o.untyped_storage().data_ptr() not in in_ptrs:
-                self.live.append(weakref.ref(o))
-                self.allocated.append((tuple(o.shape), o.untyped_storage().data_ptr()))
+            st = o.untyped_storage()
+            if not o._is_view() and st.data_ptr() not in in_ptrs and st.nbytes():
+                self.live.append((weakref.ref(st), tuple(o.shape), st.nbytes()))
+                self.allocated.append((tuple(o.shape), st.data_ptr()))
         alive = self._alive()
-        vh = sum(1 for t in alive if tuple(t.shape) == (V, H))
+        vh = sum(1 for _, shape, _ in alive if shape == (V, H))
         if vh > self.max_vh:
             self.max_vh, self.at_max = vh, str(func)
-        chunk = sum(t.untyped_storage().nbytes() for t in alive if t.dim() == 2 and t.shape[1] == V and t.shape[0] <= T)
+        chunk = sum(n for _, shape, n in alive if len(shape) == 2 and shape[1] == V and shape[0] <= T)
         self.chunk_bytes_peak = max(self.chunk_bytes_peak, chunk)
         return out
 
