@@ -49,6 +49,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "peers-liger-adamw8bit": ("eager bf16, Liger kernels + torchao AdamW8bit", {"liger": True, "adamw8bit": True}),
     "peers-compile-adamw8bit": ("torch.compile, bf16, torchao AdamW8bit", {"compile": True, "adamw8bit": True}),
     "ufx-7GiB": ("unsloth-fx, budget 7 GiB, HybridAdamW (fused into backward when available)", {"ufx": "7GiB"}),
+    "ufx-8GiB": ("unsloth-fx, budget 8 GiB, HybridAdamW", {"ufx": "8GiB"}),
     "ufx-12GiB": ("unsloth-fx, budget 12 GiB, HybridAdamW", {"ufx": "12GiB"}),
     "ufx-24GiB": ("unsloth-fx, budget 24 GiB, HybridAdamW", {"ufx": "24GiB"}),
 }
