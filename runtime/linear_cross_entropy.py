@@ -12,7 +12,9 @@ exist at any moment.
 
 Gradients are computed in the forward, chunk by chunk, and returned as extra
 outputs that autograd saves; backward only scales them by the incoming
-gradient. Why this and not "save the inputs, recompute in backward":
+gradient, in place when it runs eagerly (see :func:`_backward`: the op's
+``grad_hidden`` / ``grad_weight`` outputs are therefore overwritten by backward;
+read them before). Why this and not "save the inputs, recompute in backward":
 
 - FLOPs: computing the gradients in the forward costs the same three matmuls
   as unchunked training (logits, grad_hidden, grad_weight). Recomputing in
