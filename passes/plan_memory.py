@@ -40,7 +40,8 @@ def plan_memory(gm: torch.fx.GraphModule, ctx: PassContext, optimizer: str = "ad
     """Predict the step's memory timeline; with a memory_budget, choose save/recompute/offload per activation."""
     budget = ctx.options.resolve_budget(_device_total(ctx))
     nfwd = ctx.num_fwd_outputs or 1
-    static = M.static_from_graph(gm, optimizer, bool(getattr(ctx.options, "fuse_optimizer", False)), ctx.params)
+    static = M.static_from_graph(gm, optimizer, bool(getattr(ctx.options, "fuse_optimizer", False)), ctx.params,
+                                 lower=str(getattr(ctx.options, "lower", "eager")))
     already = any(n.meta.get("ufx") is not None and n.meta["ufx"].decision for n in gm.graph.nodes)
     try:
         dev = schedule.DeviceModel(h2d_bytes_per_s=h2d_gbps * 1e9, d2h_bytes_per_s=d2h_gbps * 1e9, offload=offload)

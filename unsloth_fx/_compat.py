@@ -267,3 +267,30 @@ def inductor_output_code(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> t
     from torch._inductor.utils import run_and_get_code
 
     return run_and_get_code(fn, *args, **kwargs)
+
+
+def aot_trace_joint_decomposed(fn: Callable[..., Any], args: list[Any],
+                               decompositions: dict[Any, Callable[..., Any]] | None = None
+                               ) -> tuple[torch.fx.GraphModule, int]:
+    """:func:`aot_trace_joint` with a decomposition table (e.g. :func:`inductor_decompositions`, the
+    table the backend traces with when ``lower="inductor"``)."""
+    from torch._functorch.aot_autograd import aot_function
+
+    class _Captured(Exception):
+        pass
+
+    got: dict[str, Any] = {}
+
+    def capture(joint: torch.fx.GraphModule, _inputs: Any, *, num_fwd_outputs: int, **_kw: Any):
+        got["joint"], got["n"] = joint, num_fwd_outputs
+        raise _Captured
+
+    f = aot_function(fn, fw_compiler=lambda g, _i: g, partition_fn=capture, decompositions=decompositions or {})
+    with no_autograd_cache():
+        try:
+            f(*args)
+        except _Captured:
+            pass
+    if "joint" not in got:
+        raise RuntimeError("AOTAutograd did not produce a joint graph (does the function need gradients?)")
+    return got["joint"], got["n"]

@@ -150,6 +150,10 @@ class Static:
     # (HybridAdamW's isfinite mask; the hybrid tier's first-step scratch), by parameter name
     step_temp: dict[str, int] = field(default_factory=dict)
     biggest_grad: int = 0
+    # the lowering whose buffers the timeline models: "inductor" does not materialize the
+    # pointwise chains Inductor fuses into their consumers (see inductor_inlined); "eager"
+    # (and anything else) materializes every FX node
+    lower: str = "eager"
 
     @property
     def resident(self) -> int:
@@ -519,6 +523,104 @@ def _fused_updates(fw: torch.fx.GraphModule, bw: torch.fx.GraphModule,
     return fused
 
 
+
+# ---------------------------------------------------------------- Inductor fusion
+
+_aten = torch.ops.aten
+# Ops Inductor lowers as pointwise loops besides those tagged torch.Tag.pointwise: constant
+# fills, dtype conversions, iota.
+_POINTWISE_EXTRA = {_aten._to_copy.default, _aten.full.default, _aten.full_like.default, _aten.zeros_like.default,
+                    _aten.ones_like.default, _aten.zeros.default, _aten.ones.default, _aten.scalar_tensor.default,
+                    torch.ops.prims.iota.default}
+# Consumers whose generated code reads their input by index (a fused producer is inlined into
+# them): reductions, indexing loads, and the index_put / scatter-add family (their ``self`` is
+# cloned into the output buffer, which realizes an unrealized producer once, there).
+_FUSING_CONSUMERS = {
+    _aten.sum.dim_IntList, _aten.sum.default, _aten.amax.default, _aten.amin.default, _aten.mean.dim,
+    _aten.mean.default, _aten.prod.dim_int, _aten.var_mean.correction, _aten.var.correction, _aten.max.dim,
+    _aten.min.dim, _aten.argmax.default, _aten.argmin.default, _aten.any.dim, _aten.all.dim,
+    _aten._log_softmax.default, _aten._softmax.default, _aten._log_softmax_backward_data.default,
+    _aten._softmax_backward_data.default, _aten.gather.default, _aten.index.Tensor, _aten.embedding.default,
+    _aten.index_put.default, _aten._unsafe_index_put.default, _aten._unsafe_masked_index_put_accumulate.default,
+    _aten.scatter_add.default, _aten.index_add.default,
+}
+REALIZE_READS = 4  # torch._inductor.config.realize_reads_threshold: a reused producer reading more is stored
+REALIZE_OPS = 30  # realize_opcount_threshold: a reused producer with a larger expression is stored
+MAX_READS = 8  # realize_acc_reads_threshold: a producer accumulating more reads is stored
+
+
+def _pointwise(n: torch.fx.Node) -> bool:
+    t = n.target
+    if t in _POINTWISE_EXTRA:
+        if t is _aten._to_copy.default:  # a dtype conversion on the same device, not a transfer
+            src, out = n.args[0].meta.get("val") if n.args else None, n.meta.get("val")
+            return isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.device == out.device
+        return True
+    if t is _aten.scatter.value:
+        return _scatter_upon_full(n)
+    return isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags
+
+
+def _scatter_upon_full(n: torch.fx.Node) -> bool:
+    """``scatter(full(...), dim, index, scalar)`` with one index per row: Inductor's joint-graph
+    pattern (scatter_upon_const_tensor, on by default) rewrites it to a pointwise ``where`` (this is
+    how the decomposed nll_loss_backward reaches the lowering)."""
+    base, dim, index = n.args[0], n.args[1], n.args[2]
+    if not (isinstance(base, torch.fx.Node) and base.target is _aten.full.default and isinstance(index, torch.fx.Node)):
+        return False
+    iv, bv = index.meta.get("val"), base.meta.get("val")
+    if not (isinstance(iv, torch.Tensor) and isinstance(bv, torch.Tensor) and iv.dim() == bv.dim()):
+        return False
+    dim = dim + bv.dim() if dim < 0 else dim
+    for k, (a, b) in enumerate(zip(iv.shape, bv.shape)):
+        if k != dim and _compat.symint_hint(a)[0] != _compat.symint_hint(b)[0]:
+            return False
+    return _compat.symint_hint(iv.shape[dim])[0] == 1
+
+
+def inductor_inlined(nodes: list[torch.fx.Node], storage: Any, pinned: set[Any]) -> dict[Any, frozenset]:
+    """Storages of one graph that Inductor does not materialize, each with the materialized
+    storages its inlined expression reads: {storage: sources}.
+
+    A storage is inlined when (as Inductor's GraphLowering decides, simplified to the conservative
+    side) its producer is a pointwise op, it is no graph output / saved value / input (``pinned``),
+    every consumer of it or of a view of it is pointwise or a reduction / indexing load
+    (``_FUSING_CONSUMERS``; never an extern kernel such as mm or attention), and it is not stored
+    for reuse: with several consumers its expression must read at most ``REALIZE_READS``
+    storages and count at most ``REALIZE_OPS`` ops; any expression reading more than ``MAX_READS``
+    is stored. Not modelled (so still counted, conservatively): the scheduler's removal of stored
+    buffers whose consumers all fuse into one kernel, and in-place buffer reuse."""
+    members: dict[Any, list[torch.fx.Node]] = {}
+    for n in nodes:
+        if n.op == "call_function":
+            st = storage(n)
+            if st is not None:
+                members.setdefault(st, []).append(n)
+    inlined: dict[Any, frozenset] = {}
+    ops: dict[Any, int] = {}
+    for st, group in members.items():
+        prod = group[0]
+        if st in pinned or not _pointwise(prod):
+            continue
+        consumers = {u for m in group for u in m.users if u.op != "call_function" or storage(u) != st}
+        if not consumers or any(u.op != "call_function" or not (_pointwise(u) or u.target in _FUSING_CONSUMERS)
+                                for u in consumers):
+            continue
+        srcs: set[Any] = set()
+        count = 1
+        for a in prod.all_input_nodes:
+            sa = storage(a)
+            if sa in inlined:
+                srcs |= inlined[sa]
+                count += ops[sa]
+            elif sa is not None:
+                srcs.add(sa)
+        if len(srcs) > MAX_READS or (len(consumers) > 1 and (len(srcs) > REALIZE_READS or count > REALIZE_OPS)):
+            continue
+        inlined[st], ops[st] = frozenset(srcs), count
+    return inlined
+
+
 class _Walker:
     def __init__(self, static: Static, recomputable: set[str]):
         self.tl = Timeline(static=static)
@@ -531,6 +633,8 @@ class _Walker:
         self.bytes: dict[Any, int] = {}  # live storage -> bytes
         self.cat: dict[Any, str] = {}
         self.alias: dict[str, Any] = {}  # backward placeholder name -> forward storage
+        self.inlined_count = 0  # storages not materialized (lower="inductor")
+        self.owner: dict[Any, torch.fx.Node] = {}  # storage -> the node that allocated it (names free events)
 
     def storage(self, n: torch.fx.Node) -> Any:
         if n.op == "placeholder" and n.name in self.alias:
@@ -566,6 +670,7 @@ class _Walker:
                 "from its upper bound")
         nbytes = round_block(size.nbytes)
         self.bytes[s], self.cat[s] = nbytes, cat
+        self.owner[s] = n
         self.record(phase, n, "alloc", nbytes, cat, size)
 
     def free(self, phase: str, node: Any, s: Any) -> None:
@@ -577,12 +682,26 @@ class _Walker:
         out_node = nodes[-1]
         out_stores = {self.storage(a) for a in out_node.all_input_nodes}
         inputs = {self.storage(n) for n in nodes if n.op == "placeholder"}
+        inl: dict[Any, frozenset] = {}
+        if self.static.lower == "inductor":
+            inl = inductor_inlined(nodes, self.storage, keep | saved | user_out | out_stores | inputs)
+        self.inlined_count += len(inl)
+
+        def reads(n: torch.fx.Node) -> list[Any]:
+            # storages node n really reads: an inlined producer's sources are read by its consumers
+            out: dict[Any, None] = {}
+            for a in (*n.all_input_nodes, n):
+                sa = self.storage(a)
+                if sa is None:
+                    continue
+                for x in (inl[sa] if sa in inl else (sa,)):
+                    out[x] = None
+            return list(out)
+
         last: dict[Any, int] = {}
         for i, n in enumerate(nodes):
-            for a in (*n.all_input_nodes, n):
-                s = self.storage(a)
-                if s is not None:
-                    last[s] = i
+            for s in reads(n):
+                last[s] = i
         for i, n in enumerate(nodes):
             if n.op == "output":
                 break
@@ -593,7 +712,7 @@ class _Walker:
                     self.alloc(phase, n, s, "inputs")
                 continue
             s = self.storage(n)
-            if s is not None and s not in self.bytes and s not in inputs and n.op == "call_function":
+            if s is not None and s not in self.bytes and s not in inputs and s not in inl and n.op == "call_function":
                 if phase == "forward":
                     cat = "saved" if s in saved else ("outputs" if s in user_out else "transient")
                 else:
@@ -606,11 +725,10 @@ class _Walker:
                     self.tl.saved[n.name] = self.bytes[s]
                     self.tl.saved_bytes += self.bytes[s]
             self.check_peak(phase, n.name, _workspace(n))
-            for a in dict.fromkeys((*n.all_input_nodes, n)):
-                sa = self.storage(a)
-                if sa is None or sa not in self.bytes or last.get(sa) != i or sa in keep or sa in out_stores:
+            for sa in reads(n):
+                if sa not in self.bytes or last.get(sa) != i or sa in keep or sa in out_stores:
                     continue
-                self.free(phase, a, sa)
+                self.free(phase, self.owner.get(sa, n), sa)
             for g, temp in (fused or {}).get(i, ()):
                 # the fused optimizer update of this gradient's parameter runs here, then frees it
                 sg = self.storage(g)
@@ -679,8 +797,9 @@ def inputs_bytes(joint: torch.fx.GraphModule) -> int:
 
 
 def static_from_graph(joint: torch.fx.GraphModule, optimizer: str = "adamw", fuse_optimizer: bool = False,
-                      params: dict[int, Any] | None = None) -> Static:
-    """Static bytes of the graph's parameters (placeholders named as parameters)."""
+                      params: dict[int, Any] | None = None, lower: str = "eager") -> Static:
+    """Static bytes of the graph's parameters (placeholders named as parameters). ``lower``: the
+    backend's lowering, recorded in ``Static.lower`` (``"inductor"``: model Inductor's fusion)."""
     rows = []
     placeholders = [n for n in joint.graph.nodes if n.op == "placeholder"]
     for i, n in enumerate(placeholders):
@@ -701,6 +820,10 @@ def static_from_graph(joint: torch.fx.GraphModule, optimizer: str = "adamw", fus
                      name, shape))
     s = static_breakdown(rows, optimizer, fuse_optimizer)
     s.inputs = inputs_bytes(joint)
+    s.lower = lower
+    if lower == "inductor":
+        s.assumptions.append("lower=inductor: pointwise chains Inductor fuses into their consumers are not "
+                             "materialized (inductor_inlined); other buffer reuse is not credited")
     return s
 
 
