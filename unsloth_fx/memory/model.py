@@ -140,6 +140,9 @@ class Static:
     optimizer_state: int = 0
     optimizer_temp: int = 0  # temporaries inside optimizer.step()
     inputs: int = 0
+    # CUDA library workspaces (cuBLAS/cuBLASLt) the caching allocator serves during the step;
+    # set by plan_memory for CUDA graphs (its workspace_reserve option), 0 elsewhere
+    workspace: int = 0
     num_params: int = 0
     optimizer: str = "adamw"
     fuse_optimizer: bool = False
@@ -158,7 +161,7 @@ class Static:
     @property
     def resident(self) -> int:
         """Bytes alive during the whole step (before gradients appear)."""
-        return self.parameters + self.buffers + self.optimizer_state + self.inputs
+        return self.parameters + self.buffers + self.optimizer_state + self.inputs + self.workspace
 
 
 def static_breakdown(
@@ -630,6 +633,8 @@ class _Walker:
         self.step = 0
         self.cat_live: dict[str, int] = {"parameters": static.parameters + static.buffers,
                                          "optimizer": static.optimizer_state, "inputs": static.inputs}
+        if static.workspace:
+            self.cat_live["workspace"] = static.workspace
         self.bytes: dict[Any, int] = {}  # live storage -> bytes
         self.cat: dict[Any, str] = {}
         self.alias: dict[str, Any] = {}  # backward placeholder name -> forward storage

@@ -290,10 +290,13 @@ def _breakdown(static: Static, minimum: Timeline) -> tuple[dict[str, int], str]:
     acts = max(minimum.peak - static.resident - static.gradients, 0)
     bd = {"parameters": static.parameters + static.buffers, "gradients": static.gradients,
           "optimizer_state": static.optimizer_state, "inputs": static.inputs, "minimum_activations": acts}
+    if static.workspace:
+        bd["workspace"] = static.workspace
     total = sum(bd.values())
+    ws = f"CUDA library workspaces {format_bytes(static.workspace)} + " if static.workspace else ""
     text = (f"parameters {format_bytes(bd['parameters'])} + gradients {format_bytes(bd['gradients'])} + "
             f"optimizer state {format_bytes(bd['optimizer_state'])} + inputs {format_bytes(bd['inputs'])} + "
-            f"minimum activations {format_bytes(acts)} = {format_bytes(total)}")
+            f"{ws}minimum activations {format_bytes(acts)} = {format_bytes(total)}")
     return bd, text
 
 
