@@ -27,7 +27,7 @@ def test_plan_prints_the_breakdown_and_writes_the_schedule_files(tmp_path, capsy
 
 def test_plan_json_and_infeasible_budget_exit_code(capsys):
     rc = main(["plan", "--model", "tiny-qwen2", "--seq", "64", "--budget", "1MiB", "--json", "--quiet",
-               "--no-seq-search"])
+               "--no-seq-search", "--lower", "eager"])
     doc = json.loads(capsys.readouterr().out)
     assert rc == 3 and doc["feasible"] is False
     assert doc["smallest_feasible_budget"] > 2**20
@@ -49,7 +49,8 @@ def test_plan_rejects_bad_arguments(capsys):
 
 @pytest.mark.slow
 def test_plan_finds_the_largest_sequence_that_fits(capsys):
-    rc = main(["plan", "--model", "tiny-llama", "--seq", "256", "--budget", "24MiB", "--json", "--quiet"])
+    rc = main(["plan", "--model", "tiny-llama", "--seq", "256", "--budget", "24MiB", "--json", "--quiet",
+               "--lower", "eager"])  # the search's bounds were set for the eager timeline
     doc = json.loads(capsys.readouterr().out)
     assert rc == 0
     s = doc["largest_seq_that_fits"]

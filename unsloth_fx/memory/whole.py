@@ -24,10 +24,17 @@ the chunking exactly as the compile will run it. Without ``chunks``, or for mode
 Dynamo cannot capture as one graph (MoE expert loops), the plain AOTAutograd
 trace of ``model(input_ids, labels=input_ids).loss`` (unsloth_fx.memory.trace), and
 the estimate says chunking was not credited.
+
+``lower`` (the backend's lowering; the CLI models ``"inductor"``, the backend's default) is traced
+as the backend traces it: with ``"inductor"`` the joint graph gets Inductor's decompositions and
+the timeline uses ``inductor_inlined`` (``Static.lower``), as ``plan_memory`` does; the compiled trace then partitions with the plain
+min-cut partitioner and lowers eagerly (meta tensors; only the joint graph is planned).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -74,26 +81,70 @@ def _rows_of(model: torch.nn.Module, dtype: torch.dtype | None) -> list[tuple]:
     return rows
 
 
+def _set_lower(st: M.Static, lower: str) -> M.Static:
+    """Record ``lower`` in ``st`` as ``static_from_graph`` (plan_memory) does."""
+    st.lower = lower
+    if lower == "inductor":
+        st.assumptions.append("lower=inductor: pointwise chains Inductor fuses into their consumers are not "
+                              "materialized (inductor_inlined); other buffer reuse is not credited")
+    return st
+
+
+@contextlib.contextmanager
+def _decomposed_aot_trace(lower: str):
+    """While ``trace_model`` traces: AOTAutograd with Inductor's decompositions when
+    ``lower == "inductor"`` (the table the backend traces with)."""
+    from unsloth_fx import _compat
+
+    if lower != "inductor":
+        yield
+        return
+    real = _compat.aot_trace_joint
+    _compat.aot_trace_joint = lambda fn, args: _compat.aot_trace_joint_decomposed(
+        fn, args, _compat.inductor_decompositions())
+    try:
+        yield
+    finally:
+        _compat.aot_trace_joint = real
+
+
+@contextlib.contextmanager
+def _eager_codegen():
+    """Let the backend trace as its ``lower`` says (decompositions) but partition with the plain
+    min-cut partitioner (Inductor's joint-graph passes rewrite the joint graph in place, and
+    plan_memory sees it before them) and lower eagerly (meta tensors)."""
+    import unsloth_fx.backend as backend
+
+    real, part = backend._lower, backend._compat.inductor_partition
+    backend._lower = lambda opts, gm, inputs, **kw: real(dataclasses.replace(opts, lower="eager"), gm, inputs)
+    backend._compat.inductor_partition = backend._compat.min_cut_partition
+    try:
+        yield
+    finally:
+        backend._lower, backend._compat.inductor_partition = real, part
+
+
 def trace_step(model: torch.nn.Module, batch: int, seq: int, dtype: torch.dtype | None = torch.bfloat16,
-               chunks: int | None = 8) -> Traced:
+               chunks: int | None = 8, lower: str = "eager") -> Traced:
     """Trace one training step of causal LM ``model`` (on meta; it is modified: cast to
     ``dtype``, patched) as the compile will run it. See the module docstring."""
     rows = _rows_of(model, dtype)
     notes: list[str] = []
     if chunks and not _is_moe(getattr(model, "config", None)):
         try:
-            return _trace_compiled(model, batch, seq, dtype, chunks, rows)
+            return _trace_compiled(model, batch, seq, dtype, chunks, rows, lower)
         except Exception as e:  # a model Dynamo cannot capture whole: plan it unchunked, and say so
             notes.append(f"chunking not credited: the compiled trace failed ({type(e).__name__}: {str(e)[:160]})")
     elif chunks:
         notes.append("chunking not credited: MoE model (expert loops do not compile to one graph; "
                      "split_token_chunks does not match MoE experts)")
-    tr = trace_model(model, batch, seq, dtype)
+    with _decomposed_aot_trace(lower):
+        tr = trace_model(model, batch, seq, dtype)
     return Traced(tr.joint, tr.num_fwd_outputs, None, rows, len(tr.joint.graph.nodes), tr.seconds, {}, notes)
 
 
 def _trace_compiled(model: torch.nn.Module, batch: int, seq: int, dtype: torch.dtype | None, chunks: int,
-                    rows: list[tuple]) -> Traced:
+                    rows: list[tuple], lower: str = "eager") -> Traced:
     import unsloth_fx.backend as backend
     from unsloth_fx.memory.trace import cuda_like_tracing
     from unsloth_fx.runtime.linear_cross_entropy import patch_causal_lm
@@ -113,8 +164,8 @@ def _trace_compiled(model: torch.nn.Module, batch: int, seq: int, dtype: torch.d
     torch.compiler.reset()  # a fresh Dynamo cache: repeated traces (seq search) must not hit its size limit
     backend.LAST.clear()
     compiled = torch.compile(model, backend="unsloth", fullgraph=True,
-                             options={"pipeline": pipeline, "lower": "eager", "memory_budget": None})
-    with cuda_like_tracing():
+                             options={"pipeline": pipeline, "lower": lower, "memory_budget": None})
+    with cuda_like_tracing(), _eager_codegen():
         compiled(input_ids=ids, labels=ids)
     joint, ctx = backend.LAST.get("joint"), backend.LAST.get("ctx")
     torch.compiler.reset()
@@ -196,7 +247,7 @@ def _layers(config: Any) -> tuple[int, int]:
 
 
 def _variant(name: str, counts: tuple[int, int], batch: int, seq: int, dtype, optimizer: Any, fuse: bool,
-             dev: S.DeviceModel, progress, chunks: int | None = None) -> Variant:
+             dev: S.DeviceModel, progress, chunks: int | None = None, lower: str = "eager") -> Variant:
     from unsloth_fx.zoo import build_model
 
     dense, moe = counts
@@ -204,8 +255,8 @@ def _variant(name: str, counts: tuple[int, int], batch: int, seq: int, dtype, op
     if moe:
         kw["first_k_dense_replace"] = dense
     m = build_model(name, device="meta", **kw)
-    tr = trace_step(m, batch, seq, dtype, chunks)
-    st = M.static_breakdown(tr.rows, optimizer, fuse)
+    tr = trace_step(m, batch, seq, dtype, chunks, lower)
+    st = _set_lower(M.static_breakdown(tr.rows, optimizer, fuse), lower)
     st.inputs = M.inputs_bytes(tr.joint)
     base = M.predict(tr.joint, tr.nfwd, st)
     _, mn = S.minimum_plan(tr.joint, tr.nfwd, st, dev)
@@ -218,7 +269,8 @@ def _variant(name: str, counts: tuple[int, int], batch: int, seq: int, dtype, op
     return Variant(counts, st, base, mn, tr.joint, tr.nfwd, tr.chunking, tr.notes)
 
 
-def full_static(name: str, dtype, optimizer: Any, fuse: bool, batch: int, seq: int) -> tuple[M.Static, Any]:
+def full_static(name: str, dtype, optimizer: Any, fuse: bool, batch: int, seq: int,
+                lower: str = "eager") -> tuple[M.Static, Any]:
     from unsloth_fx.zoo import build_model
 
     m = build_model(name, device="meta")
@@ -227,7 +279,7 @@ def full_static(name: str, dtype, optimizer: Any, fuse: bool, batch: int, seq: i
         rows.append((p.numel(), dtype if p.is_floating_point() else p.dtype, True, False, n, tuple(p.shape)))
     for n, b in m.named_buffers():
         rows.append((b.numel(), b.dtype, False, True, n, tuple(b.shape)))
-    st = M.static_breakdown(rows, optimizer, fuse)
+    st = _set_lower(M.static_breakdown(rows, optimizer, fuse), lower)
     st.inputs = 2 * M.round_block(batch * seq * 8)  # input_ids + labels (int64)
     return st, m.config
 
@@ -235,34 +287,35 @@ def full_static(name: str, dtype, optimizer: Any, fuse: bool, batch: int, seq: i
 def estimate(name: str, *, batch: int = 1, seq: int = 2048, dtype=torch.bfloat16, optimizer: Any = "adamw",
              fuse_optimizer: bool = False, budget: int | None = None, full: bool = False,
              dev: S.DeviceModel | None = None, progress: Callable[[str], None] | None = None,
-             chunks: int | None = None) -> Estimate:
+             chunks: int | None = None, lower: str = "eager") -> Estimate:
     """Predict (and, with ``budget``, plan) one training step of zoo model ``name``.
 
     ``optimizer``: a spec (``unsloth_fx.memory.model.parse_optimizer``: "adamw", "hybrid",
     "int8/int4", ...); ``fuse_optimizer``: the update runs inside backward; ``chunks``: trace
-    with apply_optimizations' chunking passes at this many chunks (None: unchunked)."""
+    with apply_optimizations' chunking passes at this many chunks (None: unchunked); ``lower``: the
+    backend's lowering to model ("inductor": Inductor's decompositions and fusion, as plan_memory)."""
     dev = dev or S.DeviceModel()
-    st, config = full_static(name, dtype, optimizer, fuse_optimizer, batch, seq)
+    st, config = full_static(name, dtype, optimizer, fuse_optimizer, batch, seq, lower)
     n_dense, n_moe = _layers(config)
     L = n_dense + n_moe
     opt_peak = st.resident + st.gradients + st.optimizer_temp
     if full or L <= 3:
-        v = _variant(name, (n_dense, n_moe), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks)
+        v = _variant(name, (n_dense, n_moe), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks, lower)
         act_base, act_min, last, extrap, traced = v.act(v.base), v.act(v.minimum), v, False, [v.counts]
         acts = (v.act_only(v.base), v.act_only(v.minimum))
     else:
         if n_moe:
-            A = _variant(name, (1, 1), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks)
-            B = _variant(name, (1, 2), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks)
-            C = _variant(name, (2, 1), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks) \
+            A = _variant(name, (1, 1), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks, lower)
+            B = _variant(name, (1, 2), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks, lower)
+            C = _variant(name, (2, 1), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks, lower) \
                 if n_dense > 1 else A
 
             def ext(f):
                 return f(A) + (n_dense - 1) * (f(C) - f(A)) + (n_moe - 1) * (f(B) - f(A))
             traced = [A.counts, B.counts] + ([C.counts] if C is not A else [])
         else:
-            A = _variant_dense(name, 1, batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks)
-            B = _variant_dense(name, 2, batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks)
+            A = _variant_dense(name, 1, batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks, lower)
+            B = _variant_dense(name, 2, batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks, lower)
 
             def ext(f):
                 return f(A) + (L - 1) * (f(B) - f(A))
@@ -304,17 +357,18 @@ def _opt(st: M.Static) -> int:
     return st.resident + st.gradients + st.optimizer_temp
 
 
-def _variant_dense(name, L, batch, seq, dtype, optimizer, fuse, dev, progress, chunks=None) -> Variant:
-    return _variant(name, (L, 0), batch, seq, dtype, optimizer, fuse, dev, progress, chunks)
+def _variant_dense(name, L, batch, seq, dtype, optimizer, fuse, dev, progress, chunks=None, lower="eager") -> Variant:
+    return _variant(name, (L, 0), batch, seq, dtype, optimizer, fuse, dev, progress, chunks, lower)
 
 
 def largest_seq(name: str, budget: int, *, batch: int = 1, dtype=torch.bfloat16, optimizer: Any = "adamw",
                 fuse_optimizer: bool = False, start: int = 2048, granularity: int = 256, max_evals: int = 7,
-                progress: Callable[[str], None] | None = None, chunks: int | None = None) -> int | None:
+                progress: Callable[[str], None] | None = None, chunks: int | None = None,
+                lower: str = "eager") -> int | None:
     """Largest sequence length (multiple of ``granularity``) whose minimum plan fits ``budget``,
     by bisection over concrete sequence lengths (each step re-traces the small variants).
     None: not even ``granularity`` tokens fit."""
-    st, config = full_static(name, dtype, optimizer, fuse_optimizer, batch, granularity)
+    st, config = full_static(name, dtype, optimizer, fuse_optimizer, batch, granularity, lower)
     if max(st.resident, _opt(st)) > budget:
         return None
     limit = int(getattr(config, "max_position_embeddings", 1 << 17))
@@ -323,7 +377,7 @@ def largest_seq(name: str, budget: int, *, batch: int = 1, dtype=torch.bfloat16,
     def ok(s: int) -> bool:
         if s not in fits:
             e = estimate(name, batch=batch, seq=s, dtype=dtype, optimizer=optimizer, fuse_optimizer=fuse_optimizer,
-                         chunks=chunks)
+                         chunks=chunks, lower=lower)
             fits[s] = e.feasible_min <= budget
             if progress:
                 progress(f"  seq {s}: smallest budget {format_bytes(e.feasible_min)} -> {'fits' if fits[s] else 'does not fit'}")
