@@ -11,31 +11,18 @@ for r1-distill-qwen-1.5b at seq 2048). Peak memory is per process
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
 ENV = "UFX_BENCH_LOCK"
 
 
-@contextlib.contextmanager
-def timed_section() -> Iterator[None]:
-    """Hold the run's GPU timing lock (no-op when the cell runs alone)."""
-    path = os.environ.get(ENV)
-    if not path:
-        yield
-        return
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+# the lock itself lives in the package (the suite's workers use it too)
+from unsloth_fx.bench import timed_section  # noqa: E402,F401
 
 
 def parallel_map(fn: Callable[[T], R], items: Iterable[T], jobs: int) -> list[R]:

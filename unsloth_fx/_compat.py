@@ -185,9 +185,11 @@ def fwd_bwd_outputs(joint: torch.fx.GraphModule, num_fwd_outputs: int) -> tuple[
     return list(out[0]), list(out[1])
 
 
-def aot_trace_joint(fn: Callable[..., Any], args: list[Any]) -> tuple[torch.fx.GraphModule, int]:
+def aot_trace_joint(fn: Callable[..., Any], args: list[Any],
+                    decompositions: dict[Any, Callable[..., Any]] | None = None) -> tuple[torch.fx.GraphModule, int]:
     """Trace ``fn(*args) -> loss`` with AOTAutograd and return (joint graph, num_fwd_outputs)
-    without partitioning or compiling anything. ``args`` may be fake tensors."""
+    without partitioning or compiling anything. ``args`` may be fake tensors; ``decompositions``:
+    a table applied while tracing (none by default)."""
     from torch._functorch.aot_autograd import aot_function
 
     class _Captured(Exception):
@@ -199,7 +201,7 @@ def aot_trace_joint(fn: Callable[..., Any], args: list[Any]) -> tuple[torch.fx.G
         got["joint"], got["n"] = joint, num_fwd_outputs
         raise _Captured
 
-    f = aot_function(fn, fw_compiler=lambda g, _i: g, partition_fn=capture)
+    f = aot_function(fn, fw_compiler=lambda g, _i: g, partition_fn=capture, decompositions=decompositions or {})
     with no_autograd_cache():
         try:
             f(*args)
@@ -274,23 +276,4 @@ def aot_trace_joint_decomposed(fn: Callable[..., Any], args: list[Any],
                                ) -> tuple[torch.fx.GraphModule, int]:
     """:func:`aot_trace_joint` with a decomposition table (e.g. :func:`inductor_decompositions`, the
     table the backend traces with when ``lower="inductor"``)."""
-    from torch._functorch.aot_autograd import aot_function
-
-    class _Captured(Exception):
-        pass
-
-    got: dict[str, Any] = {}
-
-    def capture(joint: torch.fx.GraphModule, _inputs: Any, *, num_fwd_outputs: int, **_kw: Any):
-        got["joint"], got["n"] = joint, num_fwd_outputs
-        raise _Captured
-
-    f = aot_function(fn, fw_compiler=lambda g, _i: g, partition_fn=capture, decompositions=decompositions or {})
-    with no_autograd_cache():
-        try:
-            f(*args)
-        except _Captured:
-            pass
-    if "joint" not in got:
-        raise RuntimeError("AOTAutograd did not produce a joint graph (does the function need gradients?)")
-    return got["joint"], got["n"]
+    return aot_trace_joint(fn, args, decompositions)

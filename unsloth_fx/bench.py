@@ -25,6 +25,7 @@ the suite goes on. ``--suite-minutes`` stops starting new variants after that lo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -73,27 +74,23 @@ def _missing_peers(s: dict[str, Any]) -> list[str]:
     return [m for m in need if importlib.util.find_spec(m) is None]
 
 
-def _timing_lock():
-    """An exclusive file lock on $UFX_BENCH_LOCK (set by whoever runs several suites at
-    once on one GPU, e.g. one process per variant), so timed steps never overlap; a no-op
-    context otherwise. Compilation (step 1) stays outside it."""
-    import contextlib
-    import fcntl
-
+@contextlib.contextmanager
+def timed_section():
+    """Hold an exclusive file lock on $UFX_BENCH_LOCK while timing, so benchmark processes
+    sharing one GPU never time at once (compilation stays outside); a no-op when unset.
+    ``benchmarks/_lock.py`` uses this too."""
     path = os.environ.get("UFX_BENCH_LOCK")
     if not path:
-        return contextlib.nullcontext()
+        yield
+        return
+    import fcntl
 
-    @contextlib.contextmanager
-    def held():
-        with open(path, "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-    return held()
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def run_variant(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -147,7 +144,7 @@ def run_variant(cfg: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
     times, losses = [], []
-    lock = _timing_lock()
+    lock = timed_section()
     for i in range(cfg["steps"]):
         if i == 1:  # step 0 compiles (host work); the timed steps hold the GPU lock, if any
             lock.__enter__()
