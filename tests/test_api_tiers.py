@@ -98,8 +98,9 @@ def test_ladder_traces_once_and_credits_the_chunking_passes(monkeypatch):
     # below hybrid's floor, so the ladder checks more than one policy with activations
     hyb = check_budget(model, None, optimizer="hybrid", seq_len=64, batch_size=2, fuse_optimizer=False, chunks=8)
     n = len(calls)
+    # chunks=8: always chunked (chunks="auto" would first trace the unchunked step to decide; tested in test_api)
     compiled, _ = apply_optimizations(model, target_vram=hyb.smallest_feasible - 2**10, seq_len=64, batch_size=2,
-                                      fuse_optimizer=False, lower="eager")
+                                      fuse_optimizer=False, lower="eager", chunks=8)
     rep = compiled.ufx_report
     assert rep["optimizer_policy"]["chosen"] != "hybrid" and len(rep["optimizer_policy"]["tried"]) >= 2
     assert len(calls) - n == n  # one trace per traced variant, reused by every policy and the final check
