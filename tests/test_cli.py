@@ -57,7 +57,7 @@ def test_plan_finds_the_largest_sequence_that_fits(capsys):
     assert s is not None and s >= 256 and s % 256 == 0
     # one granule longer does not fit
     rc = main(["plan", "--model", "tiny-llama", "--seq", str(s + 256), "--budget", "24MiB", "--json", "--quiet",
-               "--no-seq-search"])
+               "--no-seq-search", "--lower", "eager"])  # the same timeline model as the search
     assert json.loads(capsys.readouterr().out)["smallest_feasible_budget"] > 24 * 2**20
 
 
