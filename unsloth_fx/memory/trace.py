@@ -36,10 +36,11 @@ class TracedStep:
     seconds: float
 
 
-def trace_function(fn: Callable[..., Any], args: list[Any], param_names: dict[int, str] | None = None
-                   ) -> tuple[torch.fx.GraphModule, int]:
-    """Joint graph of ``fn(*args) -> loss``; ``param_names`` marks placeholders as parameters."""
-    joint, nfwd = _compat.aot_trace_joint(fn, args)
+def trace_function(fn: Callable[..., Any], args: list[Any], param_names: dict[int, str] | None = None,
+                   decompositions: dict[Any, Callable[..., Any]] | None = None) -> tuple[torch.fx.GraphModule, int]:
+    """Joint graph of ``fn(*args) -> loss``; ``param_names`` marks placeholders as parameters;
+    ``decompositions``: a table applied while tracing (e.g. Inductor's)."""
+    joint, nfwd = _compat.aot_trace_joint(fn, args, decompositions)
     placeholders = [n for n in joint.graph.nodes if n.op == "placeholder"]
     for i, name in (param_names or {}).items():
         ufx(placeholders[i]).param = name
@@ -103,8 +104,10 @@ def fake_model(model: torch.nn.Module, fake_mode: Any, dtype: torch.dtype | None
 
 
 def trace_model(model: torch.nn.Module, batch: int, seq: int, dtype: torch.dtype | None = torch.bfloat16,
-                progress: Callable[[str], None] | None = None) -> TracedStep:
-    """Joint graph of one training step of a causal LM on fake tensors."""
+                progress: Callable[[str], None] | None = None,
+                decompositions: dict[Any, Callable[..., Any]] | None = None) -> TracedStep:
+    """Joint graph of one training step of a causal LM on fake tensors (``decompositions``:
+    a table applied while tracing, e.g. :func:`unsloth_fx._compat.inductor_decompositions`)."""
     from torch.func import functional_call
 
     t0 = time.perf_counter()
@@ -126,7 +129,7 @@ def trace_model(model: torch.nn.Module, batch: int, seq: int, dtype: torch.dtype
     if progress:
         progress(f"tracing {len(pnames)} parameter tensors at batch={batch} seq={seq} on fake tensors")
     with cuda_like_tracing(), mode:
-        joint, nfwd = trace_function(step, [*tensors, ids])
+        joint, nfwd = trace_function(step, [*tensors, ids], decompositions=decompositions)
     placeholders = [n for n in joint.graph.nodes if n.op == "placeholder"]
     rows = []
     for i, (name, t) in enumerate(zip(names, tensors)):

@@ -41,6 +41,7 @@ from typing import Any, Callable
 
 import torch
 
+from unsloth_fx import _compat
 from unsloth_fx.memory import model as M
 from unsloth_fx.memory import schedule as S
 from unsloth_fx.memory.trace import trace_model
@@ -91,24 +92,6 @@ def _set_lower(st: M.Static, lower: str) -> M.Static:
 
 
 @contextlib.contextmanager
-def _decomposed_aot_trace(lower: str):
-    """While ``trace_model`` traces: AOTAutograd with Inductor's decompositions when
-    ``lower == "inductor"`` (the table the backend traces with)."""
-    from unsloth_fx import _compat
-
-    if lower != "inductor":
-        yield
-        return
-    real = _compat.aot_trace_joint
-    _compat.aot_trace_joint = lambda fn, args: _compat.aot_trace_joint_decomposed(
-        fn, args, _compat.inductor_decompositions())
-    try:
-        yield
-    finally:
-        _compat.aot_trace_joint = real
-
-
-@contextlib.contextmanager
 def _eager_codegen():
     """Let the backend trace as its ``lower`` says (decompositions) but partition with the plain
     min-cut partitioner (Inductor's joint-graph passes rewrite the joint graph in place, and
@@ -138,8 +121,9 @@ def trace_step(model: torch.nn.Module, batch: int, seq: int, dtype: torch.dtype 
     elif chunks:
         notes.append("chunking not credited: MoE model (expert loops do not compile to one graph; "
                      "split_token_chunks does not match MoE experts)")
-    with _decomposed_aot_trace(lower):
-        tr = trace_model(model, batch, seq, dtype)
+    # lower="inductor": trace with Inductor's decompositions, the table the backend traces with
+    decomp = _compat.inductor_decompositions() if lower == "inductor" else None
+    tr = trace_model(model, batch, seq, dtype, decompositions=decomp)
     return Traced(tr.joint, tr.num_fwd_outputs, None, rows, len(tr.joint.graph.nodes), tr.seconds, {}, notes)
 
 
