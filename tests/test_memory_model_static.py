@@ -134,3 +134,14 @@ def test_fused_update_frees_each_gradient_after_its_last_read():
     assert bw.index(("mm_2", "alloc")) < bw.index(("mm_3", "alloc")) < bw.index(("fused update mm_2", "alloc")) \
         < bw.index(("mm_2", "free"))
     assert fused.peak < plain.peak
+
+
+def test_an_adamw_built_from_unnamed_parameters_is_counted_in_order():
+    # torch.optim.AdamW(model.parameters()) has no param_names: its k-th parameter is the k-th trainable row
+    rows = [(64, torch.float32, True, False, "a", (8, 8)), (16, torch.float32, False, False, "frozen", (16,)),
+            (32, torch.float32, True, False, "b", (32,))]
+    ps = [torch.nn.Parameter(torch.zeros(8, 8)), torch.nn.Parameter(torch.zeros(32))]
+    st = M.static_breakdown(rows, torch.optim.AdamW(ps))
+    assert st.optimizer_state == 2 * M.round_block(64 * 4) + 2 * M.round_block(32 * 4)
+    with pytest.raises(ValueError, match="not held by"):  # named optimizers still must hold every row by name
+        M.static_breakdown(rows, torch.optim.AdamW([("a", ps[0]), ("c", ps[1])]))

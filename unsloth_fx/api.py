@@ -93,7 +93,7 @@ def build_optimizer(model: torch.nn.Module, optimizer: str | torch.optim.Optimiz
     if optimizer == "adamw":
         cuda = all(p.is_cuda for _, p in params)
         optimizer_options.setdefault("fused", True if cuda else None)
-        return torch.optim.AdamW([p for _, p in params], lr=lr, **optimizer_options)
+        return torch.optim.AdamW(params, lr=lr, **optimizer_options)  # named: the planner counts it by name
     raise ValueError(f"optimizer={optimizer!r}: expected one of {', '.join(repr(o) for o in OPTIMIZERS)} "
                      "or a torch.optim.Optimizer instance")
 

@@ -192,6 +192,10 @@ def static_breakdown(
     s = Static(optimizer=key if instance is not None else (policy.key if policy else key), fuse_optimizer=fuse_optimizer)
     flat_rows = 0
     rows = list(params)
+    if layout is not None and layout and all(isinstance(k, str) and k.startswith("#") for k in layout):
+        # an optimizer built from unnamed parameters: its k-th parameter is the k-th trainable row
+        trainable = [r for r in rows if r[2] and not r[3]]
+        layout = {(r[4] if len(r) > 4 else None): v for r, v in zip(trainable, layout.values())}
     for row in rows:
         numel, dtype, requires_grad, is_buffer = row[:4]
         name = row[4] if len(row) > 4 else None
