@@ -565,7 +565,7 @@ def _pointwise(n: torch.fx.Node) -> bool:
         return True
     if t is _aten.scatter.value:
         return _scatter_upon_full(n)
-    return isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags
+    return isinstance(t, _compat.OpOverload) and torch.Tag.pointwise in t.tags
 
 
 def _scatter_upon_full(n: torch.fx.Node) -> bool:
