@@ -277,3 +277,53 @@ def aot_trace_joint_decomposed(fn: Callable[..., Any], args: list[Any],
     """:func:`aot_trace_joint` with a decomposition table (e.g. :func:`inductor_decompositions`, the
     table the backend traces with when ``lower="inductor"``)."""
     return aot_trace_joint(fn, args, decompositions)
+
+
+def record_memory_history(enabled: bool, max_entries: int = 100_000) -> None:
+    """Start (with Python stacks) or stop recording the CUDA caching allocator's history.
+    Private in torch 2.11-2.14 (``torch.cuda.memory._record_memory_history``)."""
+    torch.cuda.memory._record_memory_history("all" if enabled else None, max_entries=max_entries)
+
+
+def memory_snapshot() -> dict[str, Any]:
+    """The CUDA allocator snapshot (segments and ``device_traces``) recorded so far.
+    Private in torch 2.11-2.14 (``torch.cuda.memory._snapshot``)."""
+    return torch.cuda.memory._snapshot()
+
+
+def foreach_norm_fp32(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """fp32 L2 norm (0-d) of each tensor, in one multi-tensor call where torch has it
+    (``torch._foreach_norm(..., dtype=torch.float32)``: one or a few launches on CUDA,
+    no fp32 copy of a bf16 tensor); otherwise one ``vector_norm`` per tensor."""
+    fn = getattr(torch, "_foreach_norm", None)
+    if fn is not None and tensors:
+        try:
+            return list(fn(tensors, 2, dtype=torch.float32))
+        except (TypeError, RuntimeError):  # an older signature without dtype, or mixed devices
+            pass
+    return [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
+
+
+def foreach_add_(tensors: list[torch.Tensor], others: list[torch.Tensor]) -> None:
+    """``tensors[k].add_(others[k])`` for every k, in one multi-tensor call where torch has it."""
+    fn = getattr(torch, "_foreach_add_", None)
+    if fn is not None:
+        try:
+            fn(tensors, others)
+            return
+        except (TypeError, RuntimeError):
+            pass
+    for t, o in zip(tensors, others):
+        t.add_(o)
+
+
+def foreach_mul(tensors: list[torch.Tensor], scalars: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``[t * s for t, s in zip(tensors, scalars)]`` (``scalars``: 0-d tensors of each tensor's
+    dtype), in one multi-tensor call where torch has it."""
+    fn = getattr(torch, "_foreach_mul", None)
+    if fn is not None:
+        try:
+            return list(fn(tensors, scalars))
+        except (TypeError, RuntimeError):
+            pass
+    return [t * s for t, s in zip(tensors, scalars)]

@@ -1,0 +1,173 @@
+"""Where the measured peak of an ``apply_optimizations`` step is: the tensors alive at that moment.
+
+Builds the model with random weights, compiles it with ``apply_optimizations`` at a budget, runs
+warm-up steps, then records the CUDA caching allocator's history (torch's memory snapshot) over
+one more step and replays it: the moment of the largest allocated total, and the blocks alive
+then, largest first, each with the first frames of the Python stack that allocated it (compiled
+code included, with its source line). Blocks allocated before recording (parameters, optimizer
+state) are one line, "allocated before recording". Prints the plan's predicted peak beside the
+measured one.
+
+    python3 benchmarks/peak_snapshot.py --budget 8GiB --seq 2048            # GPU
+    python3 benchmarks/peak_snapshot.py --smoke                              # CPU: the replay logic only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import linecache
+import os
+import sys
+from collections import defaultdict
+from typing import Any
+
+GiB = 2**30
+MiB = 2**20
+
+# frames from these paths say nothing about which tensor it is
+_SKIP = ("/torch/", "/contextlib.py", "/functools.py", "/threading.py", "/runpy.py")
+
+
+def replay(trace: list[dict[str, Any]], baseline: int) -> tuple[int, dict[int, dict[str, Any]], int]:
+    """(peak bytes, {addr: alloc event} alive at the peak, index of the peak event) from one device's
+    allocator trace (``snapshot["device_traces"][i]``). ``baseline``: bytes allocated when recording
+    started. A block counts from ``alloc`` until ``free_completed`` (a ``free_requested`` block whose
+    stream uses are pending still holds its memory)."""
+    live: dict[int, dict[str, Any]] = {}
+    cur = peak = baseline
+    peak_live: dict[int, dict[str, Any]] = {}
+    peak_at = -1
+    for i, ev in enumerate(trace):
+        act = ev.get("action")
+        if act == "alloc":
+            live[ev["addr"]] = ev
+            cur += ev["size"]
+            if cur > peak:
+                peak, peak_at = cur, i
+                peak_live = dict(live)
+        elif act == "free_completed":
+            if live.pop(ev["addr"], None) is not None:
+                cur -= ev["size"]
+    return peak, peak_live, peak_at
+
+
+def where(ev: dict[str, Any], depth: int = 3) -> str:
+    """The first ``depth`` frames of an allocation outside torch's own code, with source lines."""
+    out = []
+    for f in ev.get("frames") or []:
+        fn = f.get("filename", "")
+        if any(s in fn for s in _SKIP) or fn.startswith("<") or fn == "??":
+            continue
+        line = linecache.getline(fn, int(f.get("line", 0))).strip()
+        out.append(f"{os.path.basename(fn)}:{f.get('line')} {f.get('name')}: {line[:90]}")
+        if len(out) == depth:
+            break
+    return " | ".join(out) or "(no Python frame outside torch)"
+
+
+def summarize(peak_live: dict[int, dict[str, Any]], top: int) -> list[dict[str, Any]]:
+    """Blocks alive at the peak grouped by allocation site, largest total first."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for ev in peak_live.values():
+        groups[where(ev)].append(ev["size"])
+    rows = [{"site": k, "blocks": len(v), "bytes": sum(v), "largest": max(v)} for k, v in groups.items()]
+    rows.sort(key=lambda r: -r["bytes"])
+    return rows[:top]
+
+
+def run_gpu(a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from unsloth_fx import _compat
+    from unsloth_fx.api import apply_optimizations
+    from unsloth_fx.data import byte_tokens, lm_batches, stdlib_corpus
+    from unsloth_fx.zoo import build_model
+
+    torch.manual_seed(0)
+    model = build_model(a.model, device="cuda", dtype=torch.bfloat16)
+    model.train()
+    step_model, opt = apply_optimizations(model, target_vram=a.budget, optimizer="hybrid_adam", lr=1e-5,
+                                          seq_len=a.seq, batch_size=a.batch)
+    chk = (step_model.ufx_report or {}).get("check") or {}
+    toks = byte_tokens(stdlib_corpus(max_bytes=max(a.batch * a.seq * (a.warmup + 3) * 2, 1 << 20)))
+    batches = lm_batches(toks, a.batch, a.seq, seed=0, epochs=None)
+
+    def step() -> float:
+        x, y = next(batches)
+        loss = step_model(input_ids=x.cuda(), labels=y.cuda(), use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    torch.cuda.reset_peak_memory_stats()
+    for i in range(a.warmup):
+        print(f"  warm-up step {i + 1}/{a.warmup}: loss {step():.4f}", file=sys.stderr, flush=True)
+    torch.cuda.synchronize()
+    peak_all = torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated()
+    _compat.record_memory_history(True, max_entries=a.max_entries)
+    step()
+    torch.cuda.synchronize()
+    snap = _compat.memory_snapshot()
+    _compat.record_memory_history(False)
+    measured = torch.cuda.max_memory_allocated()
+    dev = torch.cuda.current_device()
+    trace = snap["device_traces"][dev]
+    peak, peak_live, at = replay(trace, baseline)
+    return {"model": a.model, "seq": a.seq, "batch": a.batch, "budget": a.budget,
+            "card": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "predicted_peak": chk.get("predicted_peak"), "smallest_feasible": chk.get("smallest_feasible"),
+            "tier": (step_model.ufx_report or {}).get("optimizer_policy", {}).get("chosen"),
+            "measured_peak_recorded_step": measured, "measured_peak_warmup_steps": peak_all,
+            "replayed_peak": peak, "baseline": baseline, "trace_events": len(trace), "peak_event": at,
+            "sites": summarize(peak_live, a.top)}
+
+
+def smoke() -> dict[str, Any]:
+    """The replay on a hand-made trace (no GPU): peak, what is alive, grouping by site."""
+    fr = [{"filename": __file__, "line": 1, "name": "f"}]
+    trace = [{"action": "alloc", "addr": 1, "size": 100, "frames": fr},
+             {"action": "alloc", "addr": 2, "size": 50, "frames": fr},
+             {"action": "free_requested", "addr": 1, "size": 100},
+             {"action": "alloc", "addr": 3, "size": 10, "frames": fr},  # 1 not yet completed: 160 + base
+             {"action": "free_completed", "addr": 1, "size": 100},
+             {"action": "alloc", "addr": 4, "size": 20, "frames": fr}]
+    peak, live, at = replay(trace, 1000)
+    return {"replayed_peak": peak, "peak_event": at, "live": sorted(live), "sites": summarize(live, 5)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="r1-distill-qwen-1.5b")
+    ap.add_argument("--budget", default="8GiB")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--max-entries", type=int, default=500_000)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--smoke", action="store_true", help="CPU: check the replay on a hand-made trace")
+    a = ap.parse_args(argv)
+    rec = smoke() if a.smoke else run_gpu(a)
+    if not a.smoke:
+        g = lambda b: "-" if b is None else f"{b / GiB:.3f} GiB"  # noqa: E731
+        print(f"{a.model} seq {a.seq} budget {a.budget} on {rec['card']} (torch {rec['torch']}), tier {rec['tier']}")
+        print(f"  predicted peak {g(rec['predicted_peak'])}; measured {g(rec['measured_peak_recorded_step'])} "
+              f"(recorded step), {g(rec['measured_peak_warmup_steps'])} (warm-up steps incl. compile); "
+              f"replayed {g(rec['replayed_peak'])}; before recording {g(rec['baseline'])}")
+        print("| MiB | blocks | allocated at |\n|---:|---:|---|")
+        for r in rec["sites"]:
+            print(f"| {r['bytes'] / MiB:,.1f} | {r['blocks']} | {r['site']} |")
+    else:
+        print(json.dumps(rec, indent=1))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(rec, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
