@@ -282,7 +282,7 @@ def aot_trace_joint_decomposed(fn: Callable[..., Any], args: list[Any],
 def record_memory_history(enabled: bool, max_entries: int = 100_000) -> None:
     """Start (with Python stacks) or stop recording the CUDA caching allocator's history.
     Private in torch 2.11-2.14 (``torch.cuda.memory._record_memory_history``)."""
-    torch.cuda.memory._record_memory_history("all" if enabled else None, max_entries=max_entries)
+    torch.cuda.memory._record_memory_history("all" if enabled else None, stacks="python", max_entries=max_entries)
 
 
 def memory_snapshot() -> dict[str, Any]:
