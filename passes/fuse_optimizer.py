@@ -41,6 +41,7 @@ whose gradient output is already ``None`` is left alone).
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 import torch.fx
@@ -51,10 +52,60 @@ from unsloth_fx.pass_base import PassContext, PassResult, graph_pass, ufx
 OP_NAME = "unsloth_fx.fused_adamw_step_"
 
 
+GROUP_OP_NAME = "unsloth_fx.fused_adamw_steps_"
+DEFAULT_GROUP_BYTES = 64 << 20  # a decoder layer's small tensors (norms, biases, k/v projections) share a call
+
+
 def _op():
     import unsloth_fx.fusion  # noqa: F401  (registers torch.ops.unsloth_fx.fused_adamw_step_)
 
     return torch.ops.unsloth_fx.fused_adamw_step_.default
+
+
+def _group_op():
+    import unsloth_fx.fusion  # noqa: F401  (registers torch.ops.unsloth_fx.fused_adamw_steps_)
+
+    return torch.ops.unsloth_fx.fused_adamw_steps_.default
+
+
+def update_members(node: torch.fx.Node) -> list[tuple[torch.fx.Node, Any, str]]:
+    """[(parameter node, gradient node, name)] a fused update node updates, in order; [] for
+    any other node. Works for both the one-parameter and the grouped op."""
+    if node.op != "call_function":
+        return []
+    if node.target is _op():
+        return [(node.args[0], node.args[1], node.args[2])]
+    if node.target is _group_op():
+        return list(zip(node.args[0], node.args[1], node.args[2]))
+    return []
+
+
+def grad_nbytes(g: Any) -> int:
+    """Bytes of a gradient node's value (its size hint when symbolic; 0 when unknown)."""
+    val = g.meta.get("val") if isinstance(g, torch.fx.Node) else None
+    if not isinstance(val, torch.Tensor):
+        return 0
+    n, _ = _compat.symint_hint(val.numel())
+    return int(n or 0) * val.element_size()
+
+
+def plan_groups(updates: list[tuple[int, int, Any, int]], group_bytes: int) -> list[list[tuple[int, int, Any, int]]]:
+    """Group ``updates`` = [(position, primal index, binding, gradient bytes)] in update order
+    (position, then primal index): consecutive updates of one binding share a group until the
+    next one would take its gradients past ``group_bytes`` (a single larger gradient is a group
+    of its own). ``group_bytes <= 0``: one group per update. The memory model runs the same
+    function (unsloth_fx.memory.model), so what it counts is what the pass emits."""
+    groups: list[list] = []
+    total = 0
+    for u in sorted(updates, key=lambda u: (u[0], u[1])):
+        if (groups and group_bytes > 0 and groups[-1][-1][2] is u[2]
+                and total + u[3] <= group_bytes):
+            groups[-1].append(u)
+            total += u[3]
+        else:
+            groups.append([u])
+            total = u[3]
+    return groups
 
 
 def _last_reads(graph: torch.fx.Graph, primals: list[torch.fx.Node]) -> tuple[dict[torch.fx.Node, int], dict[int, int]]:
@@ -153,9 +204,13 @@ def _live_across(graph: torch.fx.Graph, pos: dict, dep: dict, bw: set, i: int, a
     return sorted(out, key=pos.__getitem__)
 
 
-@graph_pass(name="fuse_optimizer", stage="joint")
-def fuse_optimizer(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Insert the in-backward optimizer update for each trainable parameter and drop its gradient output."""
+@graph_pass(name="fuse_optimizer", stage="joint", options={"group_bytes": DEFAULT_GROUP_BYTES})
+def fuse_optimizer(gm: torch.fx.GraphModule, ctx: PassContext, group_bytes: int = DEFAULT_GROUP_BYTES) -> PassResult:
+    """Insert the in-backward optimizer update for each trainable parameter and drop its gradient output.
+
+    ``group_bytes``: consecutive updates (backward order) share one ``fused_adamw_steps_`` call
+    while their gradients' bytes stay within it (see :func:`plan_groups`); 0: one
+    ``fused_adamw_step_`` call per parameter."""
     if not ctx.options.fuse_optimizer:
         return PassResult(gm, False, {"status": "off (fuse_optimizer=False)"})
     from unsloth_fx import fusion
@@ -170,8 +225,8 @@ def fuse_optimizer(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     if len(grads) != len(primals):
         raise RuntimeError(f"joint graph has {len(primals)} primals but {len(grads)} gradient outputs")
 
-    op = _op()
-    already = {n.args[0] for n in graph.nodes if n.op == "call_function" and n.target is op}
+    op, gop = _op(), _group_op()
+    already = {p for n in graph.nodes for p, _, _ in update_members(n)}
     candidates, skipped = [], {}
     for i, info in sorted(ctx.params.items()):
         if info.is_buffer or not info.requires_grad or i >= len(primals):
@@ -197,30 +252,45 @@ def fuse_optimizer(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     pos, last = _last_reads(graph, primals)
     dep, bw = _pending_reads(graph, primals)
     order = list(graph.nodes)
-    after: dict[int, list[int]] = {}
-    for i, info, b in candidates:
-        g = grads[i]
-        at = max(pos[g], last.get(i, -1))
-        after.setdefault(at, []).append(i)
     by_index = {i: (info, b) for i, info, b in candidates}
-    for at in sorted(after):
+    groups = plan_groups([(max(pos[grads[i]], last.get(i, -1)), i, b, grad_nbytes(grads[i]))
+                          for i, info, b in candidates], int(group_bytes))
+    # a group runs where its last member's update would have: after every member's gradient and reads
+    by_anchor: dict[int, list[list]] = {}
+    for grp in groups:
+        by_anchor.setdefault(grp[-1][0], []).append(grp)
+    for at in sorted(by_anchor):
         anchor = order[at]
-        for i in sorted(after[at], reverse=True):  # inserting_after reverses: keep primal order
-            info, b = by_index[i]
-            live = _live_across(graph, pos, dep, bw, i, at)
+        for grp in reversed(by_anchor[at]):  # inserting_after reverses: keep update order
+            idx = [u[1] for u in grp]
+            live: dict[torch.fx.Node, None] = {}
+            for i in idx:
+                live.update(dict.fromkeys(_live_across(graph, pos, dep, bw, i, at)))
+            live_list = sorted(live, key=pos.__getitem__)
+            b = grp[0][2]
+            names = [by_index[i][0].name for i in idx]
+            slots = [fusion.slot_for(by_index[i][0].tensor, b) for i in idx]
             with graph.inserting_after(anchor):
-                node = graph.call_function(op, (primals[i], grads[i], info.name, fusion.slot_for(info.tensor, b),
-                                                live))
+                if group_bytes > 0:
+                    node = graph.call_function(gop, ([primals[i] for i in idx], [grads[i] for i in idx], names,
+                                                     slots, live_list))
+                else:
+                    node = graph.call_function(op, (primals[idx[0]], grads[idx[0]], names[0], slots[0], live_list))
             node.meta["val"] = None
             pos[node] = at  # it runs right after its anchor: later _live_across calls see it as a user there
             _compat.tag_must_be_in_backward(node)
             rec = ufx(node)
-            rec.param = info.name
+            rec.param = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]} ({len(names)})"
             rec.notes["fused_update"] = True
+            if len(names) > 1 or group_bytes > 0:
+                rec.notes["group"] = {"params": names, "grad_bytes": sum(u[3] for u in grp)}
             if b.accumulation_steps > 1:
                 rec.notes["accumulation_steps"] = b.accumulation_steps
-            outs[nfwd + i] = None
-            stats["fused"] += 1
+            for i in idx:
+                outs[nfwd + i] = None
+            stats["fused"] += len(idx)
+    stats["update_calls"] = len(groups)
+    stats["group_bytes"] = int(group_bytes)
     out.args = (tuple(outs),)
     graph.lint()
     gm.recompile()
@@ -233,19 +303,17 @@ def fuse_optimizer(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
 
 
 def update_order_violations(gm: torch.fx.GraphModule) -> list[str]:
-    """For a backward (or joint) graph: every ``fused_adamw_step_`` whose parameter,
+    """For a backward (or joint) graph: every fused update (either op) whose parameter,
     or a view of it (same storage), is read after the update. Empty when placement is right."""
-    op = _op()
     nodes = list(gm.graph.nodes)
     bad = []
     for k, n in enumerate(nodes):
-        if n.op != "call_function" or n.target is not op:
-            continue
-        store = _compat.node_storage(n.args[0])
-        aliases = {m for m in nodes if m is n.args[0] or (store is not None and _compat.node_storage(m) == store)}
-        for m in nodes[k + 1:]:
-            if any(a in aliases for a in m.all_input_nodes):
-                bad.append(f"{m.name} reads {n.args[2]} after its update {n.name}")
+        for w, _, name in update_members(n):
+            store = _compat.node_storage(w)
+            aliases = {m for m in nodes if m is w or (store is not None and _compat.node_storage(m) == store)}
+            for m in nodes[k + 1:]:
+                if any(a in aliases for a in m.all_input_nodes):
+                    bad.append(f"{m.name} reads {name} after its update {n.name}")
     return bad
 
 

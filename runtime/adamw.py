@@ -113,7 +113,8 @@ if HAS_TRITON:
         return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
 
     @triton.jit
-    def _adamw_kernel(
+    def _adamw_body(
+        pid,
         p_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, slot_ptr, pm_ptr, pv_ptr, err_ptr,
         lr_ptr, b1_ptr, b2_ptr, eps_ptr, wd_ptr, step_ptr, skip_ptr,
         N, NBLK, seed,
@@ -122,10 +123,10 @@ if HAS_TRITON:
         P_KIND: tl.constexpr,  # 0 fp32, 1 bf16, 2 fp16
         BLOCK: tl.constexpr, NB: tl.constexpr, ROUNDS: tl.constexpr,
     ):
+        # program ``pid`` of one parameter: blocks [pid * NB, pid * NB + NB) of its NBLK blocks
         HALF: tl.constexpr = BLOCK // 2
         QM: tl.constexpr = 127 if TIER == 2 else 7
         QV: tl.constexpr = 255 if TIER == 2 else 15
-        pid = tl.program_id(0)
         rows = pid * NB + tl.arange(0, NB)
         rmask = rows < NBLK
         rows64 = rows.to(tl.int64)
@@ -294,6 +295,74 @@ if HAS_TRITON:
                 tl.store(v_ptr + i_b, (nqv_lo | (nqv_hi << 4)).to(tl.uint8), mask=wq2)
 
 
+    @triton.jit
+    def _adamw_kernel(
+        p_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, slot_ptr, pm_ptr, pv_ptr, err_ptr,
+        lr_ptr, b1_ptr, b2_ptr, eps_ptr, wd_ptr, step_ptr, skip_ptr,
+        N, NBLK, seed,
+        TIER: tl.constexpr, HYBRID: tl.constexpr, WRITE_ERR: tl.constexpr,
+        HAS_SKIP: tl.constexpr, SR_P: tl.constexpr, SR_M: tl.constexpr,
+        P_KIND: tl.constexpr,
+        BLOCK: tl.constexpr, NB: tl.constexpr, ROUNDS: tl.constexpr,
+    ):
+        _adamw_body(tl.program_id(0), p_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, slot_ptr, pm_ptr, pv_ptr,
+                    err_ptr, lr_ptr, b1_ptr, b2_ptr, eps_ptr, wd_ptr, step_ptr, skip_ptr, N, NBLK, seed,
+                    TIER, HYBRID, WRITE_ERR, HAS_SKIP, SR_P, SR_M, P_KIND, BLOCK, NB, ROUNDS)
+
+    @triton.jit
+    def _float_ptr(addr, KIND: tl.constexpr):
+        if KIND == 1:
+            return addr.to(tl.pointer_type(tl.bfloat16))
+        elif KIND == 2:
+            return addr.to(tl.pointer_type(tl.float16))
+        else:
+            return addr.to(tl.pointer_type(tl.float32))
+
+    @triton.jit
+    def _adamw_multi_kernel(
+        table_ptr, lr_ptr, b1_ptr, b2_ptr, eps_ptr, wd_ptr, K,
+        TIER: tl.constexpr, HYBRID: tl.constexpr, WRITE_ERR: tl.constexpr,
+        HAS_SKIP: tl.constexpr, SR_P: tl.constexpr, SR_M: tl.constexpr,
+        P_KIND: tl.constexpr, G_KIND: tl.constexpr,
+        BLOCK: tl.constexpr, NB: tl.constexpr, ROUNDS: tl.constexpr, KP: tl.constexpr,
+    ):
+        # K parameters in one launch. Row t of the int64 table (16 columns, see _multi_table) holds the
+        # addresses of parameter t's tensors, its sizes, seed and first program; program pid
+        # finds its row as the last one whose first program is <= pid, then runs exactly the
+        # one-parameter kernel's body on that row (so the bits are the same by construction).
+        pid = tl.program_id(0)
+        ks = tl.arange(0, KP)
+        first = tl.load(table_ptr + ks * 16 + 15, mask=ks < K, other=0x7FFFFFFFFFFFFFFF)
+        t = tl.sum((first <= pid).to(tl.int32), axis=0) - 1
+        row = table_ptr + t.to(tl.int64) * 16
+        local = pid - tl.load(row + 15)
+        if TIER == 0:
+            m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+            v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+        elif TIER == 1:
+            m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.bfloat16))
+            v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.bfloat16))
+        elif TIER == 2:
+            m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.int8))
+            v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.uint8))
+        else:
+            m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.uint8))
+            v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.uint8))
+        _adamw_body(local,
+                    _float_ptr(tl.load(row + 0), P_KIND), _float_ptr(tl.load(row + 1), G_KIND), m_ptr, v_ptr,
+                    tl.load(row + 4).to(tl.pointer_type(tl.float32)),
+                    tl.load(row + 5).to(tl.pointer_type(tl.float32)),
+                    tl.load(row + 6).to(tl.pointer_type(tl.int32)),
+                    tl.load(row + 7).to(tl.pointer_type(tl.float32)),
+                    tl.load(row + 8).to(tl.pointer_type(tl.float32)),
+                    tl.load(row + 9).to(tl.pointer_type(tl.float32)),
+                    lr_ptr, b1_ptr, b2_ptr, eps_ptr, wd_ptr,
+                    tl.load(row + 10).to(tl.pointer_type(tl.float32)),
+                    tl.load(row + 11).to(tl.pointer_type(tl.float32)),
+                    tl.load(row + 12), tl.load(row + 13), tl.load(row + 14).to(tl.int32),
+                    TIER, HYBRID, WRITE_ERR, HAS_SKIP, SR_P, SR_M, P_KIND, BLOCK, NB, ROUNDS)
+
+
 _P_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -322,6 +391,21 @@ def step_bookkeeping_(grad_norm: Tensor, step: Tensor, skips: Tensor) -> Tensor:
     return found
 
 
+def step_bookkeeping_many_(grad_norms: list[Tensor], steps: list[Tensor], skips: list[Tensor]) -> list[Tensor]:
+    """:func:`step_bookkeeping_` for many parameters on one device, in a fixed handful of
+    launches whatever their number: returns each parameter's ``found_inf`` (0-d fp32 views
+    of one vector). Same values as the one-parameter form (0/1 flags, integer counters)."""
+    if len(grad_norms) == 1:
+        return [step_bookkeeping_(grad_norms[0], steps[0], skips[0])]
+    dev = steps[0].device
+    n = torch.stack([x if x.device == dev else x.to(dev) for x in grad_norms])
+    found = torch.logical_not(torch.isfinite(n)).to(torch.float32)
+    flags = list(found.unbind())
+    _compat.foreach_add_(skips, flags)
+    _compat.foreach_add_(steps, list((1.0 - found).unbind()))
+    return flags
+
+
 def _launch(tier: int, param: Tensor, grad: Tensor, m: Tensor, v: Tensor,
             ms: Optional[Tensor], vs: Optional[Tensor], slot: Optional[Tensor],
             pm: Optional[Tensor], pv: Optional[Tensor], err: Optional[Tensor],
@@ -346,6 +430,95 @@ def _launch(tier: int, param: Tensor, grad: Tensor, m: Tensor, v: Tensor,
         num_warps=4,
     )
 
+
+
+_TIER_CODE = {"fp32": TIER_FP32, "bf16": TIER_BF16, "int8": TIER_INT8, "int4": TIER_INT4}
+_STATE_KEYS = ("m_codes", "v_codes", "m_scale", "v_scale", "slot", "pool_m", "pool_v", "err")
+_MT_MAX = 1024  # parameters per launch (the program -> parameter search loads this many firsts at most)
+
+
+def _multi_ok(params: list[Tensor], grads: list[Tensor]) -> bool:
+    if len(params) < 2 or not uses_triton(params[0]):
+        return False
+    dev = params[0].device
+    return all(type(p) in (Tensor, torch.nn.Parameter) and type(g) is Tensor and p.device == dev
+               and p.is_contiguous() for p, g in zip(params, grads))
+
+
+def _multi_table(tier: str, params, grads, states, found_infs) -> tuple[Tensor, int, list]:
+    """The int64 table of ``_adamw_multi_kernel`` on the parameters' device, the number of
+    programs, and the tensors that must stay alive until the launch (contiguous gradients)."""
+    rows, keep, first = [], [], 0
+    for k, (p, g, st) in enumerate(zip(params, grads, states)):
+        _check(p, g)
+        g = g if g.is_contiguous() else g.contiguous()
+        keep.append(g)
+        n = p.numel()
+        nblk = nblocks(n)
+        if tier in ("fp32", "bf16"):
+            m, v, ms, vs, slot, pm, pv, err = st["exp_avg"], st["exp_avg_sq"], None, None, None, None, None, None
+        else:
+            m, v, ms, vs, slot, pm, pv, err = (st.get(x) for x in _STATE_KEYS)
+        f = found_infs[k] if found_infs is not None else None
+        rows.extend((p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(),
+                     *(0 if x is None else x.data_ptr() for x in (ms, vs, slot, pm, pv, err)),
+                     st["step"].data_ptr(), 0 if f is None else f.data_ptr(),
+                     n, nblk, st["seed"] & 0x7FFFFFFF, first))
+        first += triton.cdiv(nblk, BLOCKS_PER_PROGRAM)
+    table = torch.tensor(rows, dtype=torch.int64)
+    if params[0].is_cuda:
+        # pageable memory: the copy returns once staged, without waiting for the stream
+        table = table.to(params[0].device, non_blocking=True)
+    return table, first, keep
+
+
+def adamw_step_many(tier: str, params: list[Tensor], grads: list[Tensor], states: list[dict], *, lr, betas,
+                    eps, weight_decay, found_infs: Optional[list[Tensor]] = None,
+                    stochastic_rounding: bool = True, hybrid_bits: int = 4) -> None:
+    """:func:`adamw_step_state` for many parameters of one tier that share the
+    hyper-parameters (0-d fp32 tensors on the parameters' device): ``states`` as made by
+    :func:`init_state` plus HybridAdamW's ``step`` (0-d fp32, the count after this update)
+    and ``seed``; ``found_infs``: each parameter's 0-d skip flag, or None for none.
+
+    Where the Triton kernels run and every parameter is a contiguous plain tensor on one
+    device, the same dtype and gradient dtype: one launch of ``_adamw_multi_kernel`` per
+    ``_MT_MAX`` parameters (the one-parameter kernel's body, bit for bit); otherwise one
+    :func:`adamw_step_state` call each."""
+    ok = _multi_ok(params, grads) and len({(p.dtype, g.dtype) for p, g in zip(params, grads)}) == 1
+    if ok and (params[0].dtype not in _P_KIND or grads[0].dtype not in _P_KIND):
+        ok = False
+    if not ok:
+        for k, (p, g, st) in enumerate(zip(params, grads, states)):
+            adamw_step_state(tier, p, g, st, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                             step=st["step"], found_inf=None if found_infs is None else found_infs[k],
+                             seed=st["seed"], stochastic_rounding=stochastic_rounding, hybrid_bits=hybrid_bits)
+        return
+    hybrid = tier == "hybrid"
+    code = _TIER_CODE[tier] if not hybrid else (TIER_INT8 if hybrid_bits == 8 else TIER_INT4)
+    hyper = tuple(_t(x, params[0]) for x in (lr, betas[0], betas[1], eps, weight_decay))
+    for lo in range(0, len(params), _MT_MAX):
+        sl = slice(lo, lo + _MT_MAX)
+        ps, gs, sts = params[sl], grads[sl], states[sl]
+        fs = None if found_infs is None else found_infs[sl]
+        if len(ps) == 1:
+            adamw_step_state(tier, ps[0], gs[0], sts[0], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                             step=sts[0]["step"], found_inf=None if fs is None else fs[0], seed=sts[0]["seed"],
+                             stochastic_rounding=stochastic_rounding, hybrid_bits=hybrid_bits)
+            continue
+        table, nprog, keep = _multi_table(tier, ps, gs, sts, fs)
+        if nprog == 0:
+            continue
+        _adamw_multi_kernel[(nprog,)](
+            table, *hyper, len(ps),
+            TIER=code, HYBRID=hybrid, WRITE_ERR=hybrid or sts[0].get("err") is not None,
+            HAS_SKIP=fs is not None,
+            SR_P=bool(stochastic_rounding and ps[0].dtype == torch.bfloat16),
+            SR_M=bool(stochastic_rounding and code == TIER_BF16),
+            P_KIND=_P_KIND[ps[0].dtype], G_KIND=_P_KIND[gs[0].dtype],
+            BLOCK=BLOCK, NB=BLOCKS_PER_PROGRAM, ROUNDS=PHILOX_ROUNDS, KP=triton.next_power_of_2(len(ps)),
+            num_warps=4,
+        )
+        del keep, table
 
 # --------------------------------------------------------------------------
 # validation shared by the ops

@@ -17,7 +17,7 @@ from torch.testing import FileCheck
 import unsloth_fx.backend as backend
 from unsloth_fx import _compat, fusion
 from unsloth_fx.optim import HybridAdamW
-from unsloth_fx.passes.fuse_optimizer import fuse_optimizer, update_order_violations
+from unsloth_fx.passes.fuse_optimizer import fuse_optimizer, update_members, update_order_violations
 from unsloth_fx.zoo import build_model
 
 # plan_memory is not under test here and costs seconds per compile
@@ -82,7 +82,16 @@ def _assert_params_equal(a, b, atol=0.0, rtol=0.0):
 
 
 def _fused_ops(gm):
-    return [n for n in gm.graph.nodes if n.op == "call_function" and "fused_adamw_step_" in str(n.target)]
+    """Update op nodes of either kind (one parameter, or a group)."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and "fused_adamw_step" in str(n.target)]
+
+
+def _members(gm):
+    """[(parameter node, gradient node, name, op node)] over every update in ``gm``."""
+    return [(w, g, name, n) for n in _fused_ops(gm) for w, g, name in update_members(n)]
+
+
+UNGROUPED = "fuse_optimizer{group_bytes=0}"
 
 
 # --------------------------------------------------------------------------
@@ -100,8 +109,11 @@ def test_ten_fused_steps_match_unfused_hybrid_adamw(name, impl):
     _train(ref, False, batches, impl=impl)
     _train(ours, True, batches, impl=impl)
     n_trainable = sum(1 for p in ours.parameters() if p.requires_grad)
-    assert len(_fused_ops(backend.LAST["backward"])) == n_trainable
-    assert backend.LAST["ctx"].stats["joint"]["fuse_optimizer"]["fused"] == n_trainable
+    assert len(_members(backend.LAST["backward"])) == n_trainable
+    stats = backend.LAST["ctx"].stats["joint"]["fuse_optimizer"]
+    assert stats["fused"] == n_trainable
+    # grouped by default: a tiny model's gradients all fit one 64 MiB group
+    assert stats["update_calls"] == len(_fused_ops(backend.LAST["backward"])) == 1
     assert update_order_violations(backend.LAST["backward"]) == []
     # same kernel, same gradient, same order: identical, not merely close
     _assert_params_equal(ref, ours)
@@ -144,47 +156,55 @@ def test_param_grad_is_none_and_grad_outputs_dropped():
 # placement: golden checks on the backward graph
 # --------------------------------------------------------------------------
 
-def test_each_update_sits_after_the_last_read_of_its_parameter():
+@pytest.mark.parametrize("pipeline", ["fuse_optimizer", UNGROUPED])
+def test_each_update_sits_after_the_last_read_of_its_parameter(pipeline):
     m = _model("tiny-qwen2", num_hidden_layers=1)
     opt = HybridAdamW(m.parameters(), lr=1e-3, state_precision="fp32", implementation="reference")
     fusion.attach(m, opt)
     torch._dynamo.reset()
-    c = torch.compile(m, backend="unsloth", options={**OPTS, "fuse_optimizer": True})
+    c = torch.compile(m, backend="unsloth", options={**OPTS, "pipeline": pipeline, "fuse_optimizer": True})
     ids = _batches(1, 512, 1)[0]
     c(input_ids=ids, labels=ids).loss.backward()
     bw = backend.LAST["backward"]
     code = bw.code
-    ops = _fused_ops(bw)
-    assert len(ops) == len(list(m.parameters()))
-    for node in ops:
-        w = node.args[0].name
+    members = _members(bw)
+    assert len(members) == len(list(m.parameters()))
+    assert len(_fused_ops(bw)) == (1 if pipeline == "fuse_optimizer" else len(members))
+    lines = code.splitlines()
+    for w, g, name, node in members:
+        w = w.name
         # the update comes after every line that reads w (or a view of it); after it, w is only freed
-        lines = code.splitlines()
-        at = next(i for i, ln in enumerate(lines) if f"{OP}({w}, " in ln)
+        at = next(i for i, ln in enumerate(lines) if "fused_adamw_step" in ln and re.search(rf"\b{w}\b", ln))
         later = [ln for ln in lines[at + 1:] if re.search(rf"\b{w}\b", ln)]
         assert later == [], f"{w} read after its update: {later}"
     # the o_proj weight: its update follows the matmul reading it in backward, and its gradient
-    o_proj = next(n for n in ops if n.args[2] == "model.layers.0.self_attn.o_proj.weight")
-    w, g = o_proj.args[0].name, o_proj.args[1].name
-    FileCheck().check(f"torch.ops.aten.t.default({w})").check(f"{g} = ").check(
-        f"{OP}({w}, {g}, 'model.layers.0.self_attn.o_proj.weight'").run(code)
+    w, g, _, _ = next(x for x in members if x[2] == "model.layers.0.self_attn.o_proj.weight")
+    FileCheck().check(f"torch.ops.aten.t.default({w.name})").check(f"{g.name} = ").check_regex(
+        rf"fused_adamw_steps?_\.default\(.*\b{w.name}\b.*\b{g.name}\b.*'model.layers.0.self_attn.o_proj.weight'"
+    ).run(code)
     assert update_order_violations(bw) == []
 
 
-def test_order_checker_catches_an_update_moved_before_a_read():
+@pytest.mark.parametrize("grouped", [False, True])
+def test_order_checker_catches_an_update_moved_before_a_read(grouped):
     m = _model("tiny-qwen2", num_hidden_layers=1)
     opt = HybridAdamW(m.parameters(), lr=1e-3, state_precision="fp32", implementation="reference")
     fusion.attach(m, opt)
     torch._dynamo.reset()
-    c = torch.compile(m, backend="unsloth", options={**OPTS, "fuse_optimizer": True})
+    c = torch.compile(m, backend="unsloth", options={**OPTS, "pipeline": UNGROUPED, "fuse_optimizer": True})
     ids = _batches(1, 512, 1)[0]
     c(input_ids=ids, labels=ids).loss.backward()
     bw = copy.deepcopy(backend.LAST["backward"])
+    assert update_order_violations(bw) == []
     op = next(n for n in _fused_ops(bw) if n.args[2] == "model.layers.0.self_attn.o_proj.weight")
     first_read = next(u for u in bw.graph.nodes if op.args[0] in u.all_input_nodes and u is not op)
     # broken placement: the update right before the first read of the weight (grad made earlier: a dummy)
     with bw.graph.inserting_before(first_read):
-        bad = bw.graph.call_function(op.target, (op.args[0], op.args[0], op.args[2], op.args[3], []))
+        if grouped:
+            bad = bw.graph.call_function(torch.ops.unsloth_fx.fused_adamw_steps_.default,
+                                         ([op.args[0]], [op.args[0]], [op.args[2]], [op.args[3]], []))
+        else:
+            bad = bw.graph.call_function(op.target, (op.args[0], op.args[0], op.args[2], op.args[3], []))
     bad.meta["val"] = None
     assert any("o_proj.weight" in v for v in update_order_violations(bw))
 
@@ -200,9 +220,9 @@ def test_tied_embeddings_update_once_after_both_contributions():
     assert ours.lm_head.weight is ours.model.embed_tokens.weight
     _train(ref, False, batches)
     _train(ours, True, batches)
-    ops = [n for n in _fused_ops(backend.LAST["backward"]) if n.args[2] in (
+    ops = [x[2] for x in _members(backend.LAST["backward"]) if x[2] in (
         "model.embed_tokens.weight", "lm_head.weight")]
-    assert len(ops) == 1, [n.args[2] for n in ops]
+    assert len(ops) == 1, ops
     _assert_params_equal(ref, ours)
 
 
@@ -378,7 +398,8 @@ def test_load_state_dict_into_a_live_fused_optimizer_is_seen_by_the_graph():
 # --------------------------------------------------------------------------
 
 def _update_lines_out_of_order(code: str) -> list[str]:
-    """Lines of Inductor's generated code that use a parameter after the line that updates it."""
+    """Lines of Inductor's generated code that use a parameter after the line that updates it
+    (one-parameter or grouped update op)."""
     lines = code.splitlines()
     # the body of `def call(...)`, where kernels run (the benchmark harness after it names inputs too)
     lines = lines[next((k for k, x in enumerate(lines) if x.lstrip().startswith("def call(")), 0):]
@@ -386,39 +407,23 @@ def _update_lines_out_of_order(code: str) -> list[str]:
     bad = []
     for k, ln in enumerate(lines):
         m = re.search(r"fused_adamw_step_\.default\((\w+), .*'([\w.]+)', \d+", ln)
-        if m is None:
+        g = re.search(r"fused_adamw_steps_\.default\(\[([^\]]*)\], \[[^\]]*\], \[([^\]]*)\]", ln)
+        if m is not None:
+            pairs = [(m.group(1), m.group(2))]
+        elif g is not None:
+            pairs = list(zip([x.strip() for x in g.group(1).split(",")],
+                             [x.strip().strip("'") for x in g.group(2).split(",")]))
+        else:
             continue
-        w = m.group(1)
-        bad += [f"{m.group(2)}: {x.strip()}" for x in lines[k + 1:]
-                if re.search(rf"\b{w}\b", x) and not re.match(rf"\s*del {w}\s*$", x)]
+        for w, name in pairs:
+            bad += [f"{name}: {x.strip()}" for x in lines[k + 1:]
+                    if re.search(rf"\b{w}\b", x) and not re.match(rf"\s*del .*\b{w}\b", x)]
     return bad
 
 
-def test_update_waits_for_pending_reads_of_its_parameter():
-    # RMSNorm backward computes dh * w before w's update and uses it after: the op lists that value
-    # in `after`, so a lowering must compute it before the update (Inductor would otherwise inline
-    # the read of w into a kernel scheduled after the in-place update)
-    m = _model("tiny-llama", num_hidden_layers=1)
-    opt = HybridAdamW(m.parameters(), lr=1e-3, state_precision="fp32", implementation="reference")
-    fusion.attach(m, opt)
-    torch._dynamo.reset()
-    c = torch.compile(m, backend="unsloth", options={**OPTS, "fuse_optimizer": True})
-    ids = _batches(1, 512, 1)[0]
-    c(input_ids=ids, labels=ids).loss.backward()
-    bw = backend.LAST["backward"]
-    nodes = list(bw.graph.nodes)
-    norm = next(n for n in _fused_ops(bw) if n.args[2] == "model.norm.weight")
-    w, after = norm.args[0], norm.args[4]
-    reads = [u for u in w.users if u is not norm and u.target is torch.ops.aten.mul.Tensor]
-    assert reads and all(u in after for u in reads), (reads, after)
-    assert all(any(nodes.index(x) > nodes.index(norm) for x in u.users) for u in after)
-    # a matmul output is a buffer: lm_head's update needs no ordering argument
-    lm = next(n for n in _fused_ops(bw) if n.args[2] == "lm_head.weight")
-    assert lm.args[4] == []
-
-
 @pytest.mark.slow
-def test_inductor_lowering_runs_the_in_place_update():
+@pytest.mark.parametrize("pipeline", ["fuse_optimizer", UNGROUPED])
+def test_inductor_lowering_runs_the_in_place_update(pipeline):
     # Unfused Inductor training is deterministic on CPU (two runs agree bit for bit), so fused must
     # equal it exactly. Before the `after` argument it did not: norm.weight's update ran before the
     # kernel reading it, every gradient below the final norm was off by ~1%.
@@ -426,11 +431,20 @@ def test_inductor_lowering_runs_the_in_place_update():
     over = {"num_hidden_layers": 1}
     ref, ours = _model("tiny-llama", **over), _model("tiny-llama", **over)
     _train(ref, False, batches, lower="inductor")
-    _, codes = _compat.inductor_output_code(_train, ours, True, batches, lower="inductor")
-    assert len(_fused_ops(backend.LAST["backward"])) == len(list(ours.parameters()))
+    OPTS["pipeline"] = pipeline
+    try:
+        _, codes = _compat.inductor_output_code(_train, ours, True, batches, lower="inductor")
+    finally:
+        OPTS["pipeline"] = "fuse_optimizer"
+    n = len(list(ours.parameters()))
+    assert len(_members(backend.LAST["backward"])) == n
     # the lowered backward: every update after the last use of its parameter
-    lowered = [c for c in codes if "fused_adamw_step_" in c]
-    assert len(lowered) == 1 and lowered[0].count("fused_adamw_step_.default(") == len(list(ours.parameters()))
+    lowered = [c for c in codes if "fused_adamw_step" in c]
+    assert len(lowered) == 1
+    if pipeline == UNGROUPED:
+        assert lowered[0].count("fused_adamw_step_.default(") == n
+    else:
+        assert lowered[0].count("fused_adamw_steps_.default(") == 1
     assert _update_lines_out_of_order(lowered[0]) == []
     _assert_params_equal(ref, ours)
 
@@ -442,3 +456,10 @@ def test_lowered_code_checker_catches_a_read_after_the_update():
     assert _update_lines_out_of_order(code) == ["model.norm.weight: cpp_fused_mul_2(buf11, buf3, primals_13, "
                                                 "rsqrt_2, buf10)"]
     assert _update_lines_out_of_order(code.replace("primals_13, rsqrt", "buf4, rsqrt")) == []
+    grouped = ("    torch.ops.unsloth_fx.fused_adamw_steps_.default([primals_2, primals_13], [buf1, buf6], "
+               "['model.a.weight', 'model.norm.weight'], [0, 1], [buf5])\n"
+               "    cpp_fused_mul_2(buf11, buf3, primals_13, rsqrt_2, buf10)\n"
+               "    del primals_13\n")
+    assert _update_lines_out_of_order(grouped) == ["model.norm.weight: cpp_fused_mul_2(buf11, buf3, primals_13, "
+                                                   "rsqrt_2, buf10)"]
+    assert _update_lines_out_of_order(grouped.replace("primals_13, rsqrt", "buf4, rsqrt")) == []

@@ -47,6 +47,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from unsloth_fx import _compat
+
 __all__ = ["attach", "detach", "binding_for", "last_grad_norm", "is_fused", "FusedOptimizerError",
            "CLIP_MODES"]
 
@@ -83,6 +85,9 @@ _SLOTS: list[tuple[Binding, Any]] = []
 _SLOT_OF: dict[int, int] = {}  # id(param) -> slot
 _BINDING_OF: dict[int, Binding] = {}  # id(param) -> binding
 _FUSED_IDS: set[int] = set()  # id(param) of parameters a compiled backward updates
+# bumped by attach / detach / slot_for: the grouped op caches its per-slot lookups per generation
+_GEN = [0]
+_GROUP_CACHE: dict[tuple, tuple[int, Any, list]] = {}  # slots -> (generation, binding, [weakref])
 
 
 def _params_of(optimizer) -> list[Tensor]:
@@ -129,6 +134,7 @@ def attach(model_or_params, optimizer, *, clip: str | None = None, max_norm: flo
         if id(p) in _SLOT_OF:  # re-attach: the compiled graph keeps its slot numbers
             _SLOTS[_SLOT_OF[id(p)]] = (b, weakref.ref(p))
     _install_clip_guard()
+    _GEN[0] += 1
     return b
 
 
@@ -142,6 +148,7 @@ def detach(optimizer) -> None:
                 h.remove()
             b.hooks.clear()
         _FUSED_IDS.discard(id(p))
+    _GEN[0] += 1
 
 
 def _is_hybrid(obj: Any, cls: type) -> bool:
@@ -181,6 +188,7 @@ def slot_for(param: Tensor, binding: Binding) -> int:
     else:
         _SLOTS[s] = (binding, weakref.ref(param))
     _FUSED_IDS.add(id(param))
+    _GEN[0] += 1
     return s
 
 
@@ -257,6 +265,101 @@ def fused_adamw_step_(param: Tensor, grad: Tensor, name: str, slot: int, after: 
     b.updates += 1
 
 
+def _group_lookup(slots: list[int], names: list[str]) -> tuple[Binding, list]:
+    """(binding, [weakref to each parameter]) of a group's slots, checked once per generation
+    of the bindings (attach / detach / slot_for bump it) instead of once per call."""
+    key = tuple(int(s) for s in slots)
+    hit = _GROUP_CACHE.get(key)
+    if hit is not None and hit[0] == _GEN[0]:
+        return hit[1], hit[2]
+    refs, b0 = [], None
+    for s, name in zip(key, names):
+        b, ref = _SLOTS[s]
+        p = ref()
+        if p is None or b.optimizer is None or _BINDING_OF.get(id(p)) is not b:
+            raise FusedOptimizerError(
+                f"the compiled backward updates {name!r} in place, but its optimizer is gone or was detached; "
+                "recompile (torch._dynamo.reset()) or compile with fuse_optimizer=False")
+        if b0 is not None and b is not b0:
+            raise FusedOptimizerError(f"one grouped update holds parameters of two optimizers ({name!r}); "
+                                      "recompile (torch._dynamo.reset())")
+        b0 = b
+        refs.append(ref)
+    _GROUP_CACHE[key] = (_GEN[0], b0, refs)
+    return b0, refs
+
+
+def fused_adamw_steps_(params: list[Tensor], grads: list[Tensor], names: list[str], slots: list[int],
+                       after: list[Tensor]) -> None:
+    """Update parameters ``slots`` (one optimizer; ``names`` for people reading the graph)
+    with ``grads``, in place: for each parameter what :func:`fused_adamw_step_` does, with
+    the same accumulation, clipping, norm bookkeeping and optimizer numerics, but with the
+    host work done once for the group: one multi-tensor norm, the clip coefficients as one
+    vector, and :meth:`HybridAdamW.step_params` (multi-tensor counters and kernel launches).
+    ``after``: as for :func:`fused_adamw_step_`, the union over the members.
+
+    Differences from one call per parameter, all within fp32 rounding: the group's squared
+    norms are summed as a vector before they join the step's running sum (so
+    :func:`last_grad_norm`, and the ``prev_global_norm`` clip coefficient built from it, may
+    differ in the last bits), and on CUDA the multi-tensor norm reduces in a different order
+    than ``vector_norm`` (the norm only decides non-finite skips and clipping)."""
+    if not names:
+        return
+    b, refs = _group_lookup(slots, names)
+    opt = b.optimizer
+    if opt is None:
+        raise FusedOptimizerError(
+            f"the compiled backward updates {names[0]!r} in place, but its optimizer is gone or was detached; "
+            "recompile (torch._dynamo.reset()) or compile with fuse_optimizer=False")
+    accum = b.accumulation_steps
+    ps, gs = [], []
+    for ref, grad, s in zip(refs, grads, slots):
+        p = ref()
+        if p is None:
+            raise FusedOptimizerError("a parameter the compiled backward updates was freed; recompile")
+        if not p.requires_grad:
+            continue  # frozen after compiling: never updated (Dynamo also recompiles on the change)
+        if accum > 1:
+            n = b.micro.get(s, 0) + 1
+            if n < accum:
+                b.micro[s] = n
+                # what autograd's AccumulateGrad does: keep the first gradient, add the rest
+                p.grad = grad.detach().clone() if p.grad is None else p.grad.add_(grad)
+                continue
+            b.micro[s] = 0
+            if p.grad is not None:
+                grad = p.grad.add_(grad)
+                p.grad = None
+        ps.append(p)
+        gs.append(grad.detach())
+    if not ps:
+        return
+    with torch.no_grad():
+        plain = [type(g) is Tensor for g in gs]
+        if all(plain):
+            norms = _compat.foreach_norm_fp32(gs)
+        else:  # a DTensor's norm is global: one call each (the optimizer checks its local shard itself)
+            norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in gs]
+        nv = torch.stack(norms) if len(norms) > 1 else norms[0].reshape(1)
+        sq = (nv * nv).sum()
+        b.sq_norm = sq if b.sq_norm is None else b.sq_norm + sq
+        coef = None
+        if b.clip == "per_param":
+            coef = (b.max_norm / (nv + _CLIP_EPS)).clamp(max=1.0)
+        elif b.clip == "prev_global_norm" and b.prev_norm is not None:
+            coef = (b.max_norm / (b.prev_norm + _CLIP_EPS)).clamp(max=1.0).expand(len(gs))
+        if coef is not None:
+            by_dtype: dict = {}
+            for k, g in enumerate(gs):
+                by_dtype.setdefault(g.dtype, []).append(k)
+            for dt, ks in by_dtype.items():
+                cs = coef.to(dt).unbind()
+                for k, out in zip(ks, _compat.foreach_mul([gs[k] for k in ks], [cs[k] for k in ks])):
+                    gs[k] = out
+        opt.step_params(ps, gs, [n if pl else None for n, pl in zip(norms, plain)])
+    b.updates += len(ps)
+
+
 # Registered through the low-level Library API with one CompositeExplicitAutograd kernel rather
 # than torch.library.custom_op: the op runs once per parameter per step inside backward, and
 # custom_op's Python autograd and ADInplaceOrView wrappers cost about 60% of its host time
@@ -269,6 +372,17 @@ _LIB.impl("fused_adamw_step_", fused_adamw_step_, "CompositeExplicitAutograd")
 
 @torch.library.register_fake("unsloth_fx::fused_adamw_step_", lib=_LIB)
 def _(param, grad, name, slot, after):
+    return None
+
+
+# the grouped form (passes/fuse_optimizer.py emits it unless group_bytes=0), registered the same way
+_LIB.define("fused_adamw_steps_(Tensor(a!)[] params, Tensor[] grads, str[] names, SymInt[] slots, "
+            "Tensor[] after) -> ()")
+_LIB.impl("fused_adamw_steps_", fused_adamw_steps_, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("unsloth_fx::fused_adamw_steps_", lib=_LIB)
+def _(params, grads, names, slots, after):
     return None
 
 

@@ -47,6 +47,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
+from unsloth_fx import _compat
 from unsloth_fx.runtime import adamw as _k
 from unsloth_fx.runtime import optim_reference as _ref
 from unsloth_fx.runtime.adamw import TIERS, hybrid_regate_, init_state, state_nbytes
@@ -298,6 +299,7 @@ class HybridAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         index = 0
+        entries = []
         for g in self.param_groups:
             names = g.get("param_names")
             for i, p in enumerate(g["params"]):
@@ -313,8 +315,82 @@ class HybridAdamW(torch.optim.Optimizer):
                 st = self.state[p]
                 if not st:
                     st.update(self._init_state(g, p, names[i] if names else None, index))
-                self._step_param(g, p, grad, st)
+                entries.append((g, p, grad, st, None))
+        # every parameter in one grouped update: the gradients exist anyway (norms are 0-d outputs)
+        self._step_group(entries)
         return loss
+
+    def _step_group(self, entries: list) -> None:
+        """Update ``entries`` = [(group, param, grad, state, grad_norm or None)] in order, with the
+        numerics of ``_step_param`` on each (bit for bit: same norms, counters, kernels, seeds),
+        amortizing the host work: one multi-tensor norm for the gradients without one, the step /
+        skip counters of all members in a few multi-tensor ops, hyper-parameters looked up once per
+        param group, and one multi-tensor kernel launch per (tier, dtype) bucket where the Triton
+        kernels run. DTensor parameters take the per-parameter path (their skip flag needs an
+        all-reduce)."""
+        plain = []
+        for e in entries:
+            if hasattr(e[1], "device_mesh"):
+                self._step_param(e[0], e[1], e[2], e[3], e[4])
+            else:
+                plain.append(e)
+        if not plain:
+            return
+        # non-finite check: the fp32 L2 norm of every gradient, one multi-tensor call for the missing ones
+        need = [k for k, e in enumerate(plain) if e[4] is None and e[0]["check_finite"]]
+        norms = [e[4] for e in plain]
+        if need:
+            for k, n in zip(need, _compat.foreach_norm_fp32([plain[k][2] for k in need])):
+                norms[k] = n
+        found: list = [None] * len(plain)
+        by_dev: dict = {}
+        for k, e in enumerate(plain):
+            if e[0]["check_finite"]:
+                by_dev.setdefault(e[3]["step"].device, []).append(k)
+            else:
+                e[3]["step"].add_(1.0)
+        for ks in by_dev.values():
+            fs = _k.step_bookkeeping_many_([norms[k] for k in ks], [plain[k][3]["step"] for k in ks],
+                                           [plain[k][3]["nonfinite_skips"] for k in ks])
+            for k, f in zip(ks, fs):
+                found[k] = f
+        # the kernels: members bucketed by what one launch can share; order within a bucket kept
+        hyper: dict = {}
+        buckets: dict = {}
+        for k, (g, p, grad, st, _) in enumerate(plain):
+            if p.numel() == 0:
+                continue
+            dev = p.device
+            h = hyper.get((id(g), dev))
+            if h is None:
+                h = hyper[(id(g), dev)] = tuple(x if x.device == dev else x.to(dev) for x in
+                                                (g["lr"], *g["betas"], g["eps"], g["weight_decay"]))
+            tier = st["tier"]
+            if tier == "hybrid" and (st["gate_clock"] == 0 or (st["gate_clock"] + 1) % g["gate_every"] == 0):
+                # first step's scratch gate, or a re-gate after this step: the per-parameter path
+                self._run_one(g, p, grad, st, h, found[k])
+                continue
+            key = (id(g), tier, st.get("hybrid_bits", 4), p.dtype, grad.dtype, dev, found[k] is None)
+            buckets.setdefault(key, (g, h, []))[2].append((p, grad, st, found[k]))
+        for (_, tier, bits, *_rest), (g, h, members) in buckets.items():
+            if self._implementation == "reference" or len(members) == 1:
+                for p, grad, st, f in members:
+                    self._run_one(g, p, grad, st, h, f)
+                continue
+            _k.adamw_step_many(tier, [m[0] for m in members], [m[1] for m in members], [m[2] for m in members],
+                               lr=h[0], betas=(h[1], h[2]), eps=h[3], weight_decay=h[4],
+                               found_infs=None if members[0][3] is None else [m[3] for m in members],
+                               stochastic_rounding=g["stochastic_rounding"], hybrid_bits=bits)
+            if tier == "hybrid":
+                for _, _, st, _ in members:
+                    st["gate_clock"] += 1
+
+    def _run_one(self, g: dict, p: Tensor, grad: Tensor, st: dict, h: tuple, found_inf) -> None:
+        """The kernel part of ``_step_param`` for one (non-DTensor) parameter whose counters are done."""
+        kw = dict(lr=h[0], betas=(h[1], h[2]), eps=h[3], weight_decay=h[4], step=st["step"],
+                  found_inf=found_inf, seed=st["seed"], stochastic_rounding=g["stochastic_rounding"],
+                  hybrid_bits=st.get("hybrid_bits", 4))
+        self._run_kernel(g, p, grad, st, kw)
 
     def _step_param(self, g: dict, p: Tensor, grad: Tensor, st: dict, grad_norm: Tensor | None = None) -> None:
         sharded = p
@@ -339,9 +415,12 @@ class HybridAdamW(torch.optim.Optimizer):
         kw = dict(lr=h[0], betas=(h[1], h[2]), eps=h[3], weight_decay=h[4], step=st["step"],
                   found_inf=found_inf, seed=st["seed"], stochastic_rounding=g["stochastic_rounding"],
                   hybrid_bits=st.get("hybrid_bits", 4))
-        tier = st["tier"]
         if p.numel() == 0:  # an FSDP2 rank may hold an empty shard (dim 0 < world size)
             return
+        self._run_kernel(g, p, grad, st, kw)
+
+    def _run_kernel(self, g: dict, p: Tensor, grad: Tensor, st: dict, kw: dict) -> None:
+        tier = st["tier"]
         run = reference_step_state if self._implementation == "reference" else _k.adamw_step_state
         if tier == "hybrid" and st["gate_clock"] == 0:
             # First step: gate *before* anything is quantized.  The error the kernel
@@ -361,6 +440,31 @@ class HybridAdamW(torch.optim.Optimizer):
                 st["last_gate"] = hybrid_regate_(st, bits=st["hybrid_bits"],
                                                  promote=g["gate_promote"], demote=g["gate_demote"])
 
+    def _where(self, p: Tensor) -> tuple[dict, int, int]:
+        """(group, position in it, 1-based index over all groups: the seed key ``step()`` uses)."""
+        where = getattr(self, "_param_where", {}).get(id(p))
+        if (where is None or not any(where[0] is g for g in self.param_groups)
+                or where[0]["params"][where[1]] is not p):
+            self._param_where = {id(q): (g, i, k) for k, (g, i, q) in enumerate(
+                ((g, i, q) for g in self.param_groups for i, q in enumerate(g["params"])), start=1)}
+            where = self._param_where.get(id(p))
+            if where is None:
+                raise KeyError(f"parameter of shape {tuple(p.shape)} is not in this optimizer")
+        return where
+
+    def _entry(self, p: Tensor, grad: Tensor, grad_norm: Tensor | None) -> tuple:
+        if grad.is_sparse:
+            raise RuntimeError(
+                "HybridAdamW does not support sparse gradients (got one for a parameter of "
+                f"shape {tuple(p.shape)}); use torch.optim.SparseAdam for it, or "
+                "nn.Embedding(sparse=False)")
+        g, i, index = self._where(p)
+        st = self.state[p]
+        if not st:
+            names = g.get("param_names")
+            st.update(self._init_state(g, p, names[i] if names else None, index))
+        return g, p, grad, st, grad_norm
+
     @torch.no_grad()
     def step_param(self, p: Tensor, grad: Tensor, grad_norm: Tensor | None = None) -> None:
         """Update one parameter now with ``grad``, exactly as :meth:`step` would
@@ -368,26 +472,18 @@ class HybridAdamW(torch.optim.Optimizer):
         The fused backward (``unsloth_fx.fusion``) calls this for each parameter
         as soon as its gradient is final; ``step()`` then skips it (grad None).
         ``grad_norm``: the gradient's fp32 L2 norm when the caller has it (saves a read)."""
-        if grad.is_sparse:
-            raise RuntimeError(
-                "HybridAdamW does not support sparse gradients (got one for a parameter of "
-                f"shape {tuple(p.shape)}); use torch.optim.SparseAdam for it, or "
-                "nn.Embedding(sparse=False)")
-        where = getattr(self, "_param_where", {}).get(id(p))
-        if (where is None or not any(where[0] is g for g in self.param_groups)
-                or where[0]["params"][where[1]] is not p):
-            # (group, position, 1-based index over all groups: the seed key step() uses)
-            self._param_where = {id(q): (g, i, k) for k, (g, i, q) in enumerate(
-                ((g, i, q) for g in self.param_groups for i, q in enumerate(g["params"])), start=1)}
-            where = self._param_where.get(id(p))
-            if where is None:
-                raise KeyError(f"parameter of shape {tuple(p.shape)} is not in this optimizer")
-        g, i, index = where
-        st = self.state[p]
-        if not st:
-            names = g.get("param_names")
-            st.update(self._init_state(g, p, names[i] if names else None, index))
+        g, p, grad, st, grad_norm = self._entry(p, grad, grad_norm)
         self._step_param(g, p, grad, st, grad_norm)
+
+    @torch.no_grad()
+    def step_params(self, params: list[Tensor], grads: list[Tensor],
+                    grad_norms: list[Tensor | None] | None = None) -> None:
+        """Update several parameters now, each exactly as :meth:`step_param` would (bit for
+        bit), with the host work of the group amortized (see ``_step_group``). The grouped
+        fused backward op calls this once per group of parameters; ``grad_norms``: each
+        gradient's fp32 L2 norm (0-d) when the caller has it, else None."""
+        norms = grad_norms if grad_norms is not None else [None] * len(params)
+        self._step_group([self._entry(p, g, n) for p, g, n in zip(params, grads, norms)])
 
     # -- state dict: byte-exact (torch's default would cast state to the param dtype)
     def load_state_dict(self, state_dict: dict) -> None:
