@@ -431,14 +431,59 @@ _WORKSPACE_OPS = ("_efficient_attention_backward", "_flash_attention_backward", 
                   "_scaled_dot_product_flash_attention_backward", "_scaled_dot_product_cudnn_attention_backward")
 
 
+def _arg_val(node: torch.fx.Node, i: int) -> Any:
+    a = node.args[i] if len(node.args) > i else None
+    return a.meta.get("val") if isinstance(a, torch.fx.Node) else a
+
+
+def _hint(x: Any) -> int:
+    return _compat.symint_hint(x)[0] or 0
+
+
 def _workspace(node: torch.fx.Node) -> int:
     """Bytes a kernel allocates internally for the duration of one op (not graph values).
-    Flash / memory-efficient attention backward accumulate dQ in fp32: ~ q.numel() * 4."""
+
+    * Flash / memory-efficient attention backward accumulate dQ in fp32: ~ q.numel() * 4.
+    * ``unsloth_fx.linear_cross_entropy`` (a multi-output op: its outputs are counted at its
+      getitems, after it): everything it holds while it runs, outputs included, for its
+      ``grad_weight_accum`` mode (``runtime.linear_cross_entropy.workspace_bytes``).
+    * ``unsloth_fx.embedding_dense_backward``: its ``[tokens, hidden]`` fp32 partial sums and index
+      buffers (``runtime.embedding_backward.workspace_bytes``); its ``[V, H]`` output is the node's.
+    * ``aten.embedding_dense_backward`` (lower="eager": torch's CUDA kernel): fp32 partial sums per
+      token, ``tokens x hidden x 4`` (the size of the acc type), and six int64 ``[tokens]`` index
+      buffers (EmbeddingBackwardKernel.cu, Embedding.cu).
+    """
     name = getattr(node.target, "__name__", str(node.target))
     if any(name.startswith(op) for op in _WORKSPACE_OPS):
         q = node.args[1].meta.get("val") if len(node.args) > 1 and isinstance(node.args[1], torch.fx.Node) else None
         if isinstance(q, torch.Tensor):
             return round_block(storage_size(q).nbytes * 4 // max(q.element_size(), 1))
+        return 0
+    if node.op != "call_function" or not isinstance(node.target, _compat.OpOverload):
+        return 0
+    op = str(node.target)  # by name: the runtime ops register on import of unsloth_fx.runtime
+    if op == "unsloth_fx.linear_cross_entropy.default":
+        h, w = _arg_val(node, 0), _arg_val(node, 1)
+        if not (isinstance(h, torch.Tensor) and isinstance(w, torch.Tensor)):
+            return 0
+        from unsloth_fx.runtime.linear_cross_entropy import workspace_bytes as lce_bytes
+
+        defaults = (-100, 4, 0, "mean", True, "fp32")  # the op's schema defaults for args 3..8
+        rest = [node.args[i] if len(node.args) > i else node.kwargs.get(k, d) for i, (k, d) in enumerate(zip(
+            ("ignore_index", "chunks", "chunk_size", "reduction", "compute_grad", "grad_weight_accum"), defaults), 3)]
+        V, H = _hint(w.shape[0]), _hint(w.shape[1])
+        tokens = _hint(h.numel()) // max(H, 1)
+        return lce_bytes(tokens, V, H, w.dtype, int(rest[1]), int(rest[2]), bool(rest[4]), str(rest[5]))
+    if op in ("unsloth_fx.embedding_dense_backward.default", "aten.embedding_dense_backward.default"):
+        g, idx = _arg_val(node, 0), _arg_val(node, 1)
+        if not (isinstance(g, torch.Tensor) and isinstance(idx, torch.Tensor)):
+            return 0
+        tokens, hidden = _hint(idx.numel()), _hint(g.shape[-1]) if g.dim() else 1
+        if op.startswith("unsloth_fx."):
+            from unsloth_fx.runtime.embedding_backward import workspace_bytes as emb_bytes
+
+            return round_block(emb_bytes(tokens, hidden, g.dtype, bool(_arg_val(node, 4))))
+        return round_block(tokens * hidden * 4) + 6 * round_block(tokens * 8)
     return 0
 
 
