@@ -156,7 +156,7 @@ def unsloth(gm: torch.fx.GraphModule, example_inputs: list[Any], *, options: dic
         bw_compiler=stage_compiler("backward"),
         inference_compiler=stage_compiler("inference"),
         partition_fn=partition,
-        decompositions=_compat.inductor_decompositions() if opts.lower == "inductor" else {},
+        decompositions=decompositions(opts.lower),
         keep_inference_input_mutations=True,
     )
     with _compat.no_autograd_cache():
@@ -164,6 +164,19 @@ def unsloth(gm: torch.fx.GraphModule, example_inputs: list[Any], *, options: dic
     if dumper is not None:
         dumper.finish(ctx)
     return compiled
+
+
+def decompositions(lower: str) -> dict[Any, Callable[..., Any]]:
+    """The decomposition table AOTAutograd traces with for ``lower``: Inductor's table for
+    ``"inductor"``, with ``aten.embedding_dense_backward`` routed to
+    ``torch.ops.unsloth_fx.embedding_dense_backward`` (Inductor's own decomposition sums in a
+    ``vocab x hidden`` fp32 buffer; see runtime/embedding_backward.py); none for ``"eager"``
+    (torch's kernels)."""
+    if lower != "inductor":
+        return {}
+    from unsloth_fx.runtime.embedding_backward import with_decomposition
+
+    return with_decomposition(_compat.inductor_decompositions())
 
 
 def _mark_joint_params(joint: torch.fx.GraphModule, ctx: PassContext) -> None:

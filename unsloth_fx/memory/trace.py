@@ -39,8 +39,13 @@ class TracedStep:
 def trace_function(fn: Callable[..., Any], args: list[Any], param_names: dict[int, str] | None = None,
                    decompositions: dict[Any, Callable[..., Any]] | None = None) -> tuple[torch.fx.GraphModule, int]:
     """Joint graph of ``fn(*args) -> loss``; ``param_names`` marks placeholders as parameters;
-    ``decompositions``: a table applied while tracing (e.g. Inductor's)."""
-    joint, nfwd = _compat.aot_trace_joint(fn, args, decompositions)
+    ``decompositions``: a table applied while tracing (e.g. Inductor's). The backend's overrides
+    are applied on top (``runtime.embedding_backward.with_decomposition``: a table that decomposes
+    ``aten.embedding_dense_backward`` gets ``unsloth_fx.embedding_dense_backward`` instead), so the
+    planner traces the graph the backend compiles."""
+    from unsloth_fx.runtime.embedding_backward import with_decomposition
+
+    joint, nfwd = _compat.aot_trace_joint(fn, args, with_decomposition(decompositions) if decompositions else None)
     placeholders = [n for n in joint.graph.nodes if n.op == "placeholder"]
     for i, name in (param_names or {}).items():
         ufx(placeholders[i]).param = name
