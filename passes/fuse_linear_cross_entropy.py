@@ -7,7 +7,8 @@ Pattern, in the Dynamo graph of a transformers ``*ForCausalLM`` (``ForCausalLMLo
     x = x.view(-1, V) | .reshape(-1, V)        # optional flatten(s) / .contiguous()
     loss = cross_entropy(x, target, ignore_index=i, reduction="mean"|"sum")   # no weight, no smoothing
   ->
-    out = torch.ops.unsloth_fx.linear_cross_entropy(hidden, weight, target, i, chunks, chunk_size, reduction, grad)
+    out = torch.ops.unsloth_fx.linear_cross_entropy(hidden, weight, target, i, chunks, chunk_size, reduction, grad,
+                                                    grad_weight_accum)
     loss = out[0]
 
 The label shift (pad + slice) stays in the graph: it is cheap and the op takes
@@ -21,6 +22,13 @@ chunk count for ``lm_head`` (see ``chunk_recompute.planned_chunks``), else the
 ``chunks`` option: an int, or ``"auto"`` (from the logits bytes and the
 ``memory_budget``, see ``chunk_recompute.resolve_chunks``); ``chunk_size > 0``
 fixes the tokens per chunk instead.
+
+``grad_weight_accum`` (default ``"weight_dtype"``): where the op sums the LM-head gradient over
+chunks. The pass only runs to save memory, so its default is the op's memory-saving mode: summed
+in the weight dtype with ``addmm_`` (no ``vocab x hidden`` fp32 buffer: -890 MiB for
+R1-Distill-Qwen-1.5B, -2.03 GiB for the 7B, at the end of the forward; one bf16 rounding of the
+running sum per chunk, measured error in runtime/linear_cross_entropy.py). ``"fp32"`` keeps the
+fp32 accumulator: ``fuse_linear_cross_entropy{chunks=8,grad_weight_accum=fp32}``.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from unsloth_fx import _compat
 import torch.fx
 
 import unsloth_fx.runtime.linear_cross_entropy  # noqa: F401  (registers torch.ops.unsloth_fx.linear_cross_entropy)
+from unsloth_fx.runtime.linear_cross_entropy import GRAD_WEIGHT_ACCUM
 from unsloth_fx.pass_base import PassContext, PassResult, graph_pass, ufx
 from unsloth_fx.passes.chunk_recompute import parse_chunks, resolve_chunks
 
@@ -100,17 +109,23 @@ def logit_bytes(dtype: torch.dtype) -> int:
     return 4 + (0 if dtype == torch.float32 else size)
 
 
-@graph_pass(name="fuse_linear_cross_entropy", stage="pre_grad", options={"chunks": "4", "chunk_size": 0})
-def fuse_linear_cross_entropy(gm: torch.fx.GraphModule, ctx: PassContext, chunks: Any, chunk_size: int) -> PassResult:
+@graph_pass(name="fuse_linear_cross_entropy", stage="pre_grad",
+            options={"chunks": "4", "chunk_size": 0, "grad_weight_accum": "weight_dtype"})
+def fuse_linear_cross_entropy(gm: torch.fx.GraphModule, ctx: PassContext, chunks: Any, chunk_size: int,
+                              grad_weight_accum: str = "weight_dtype") -> PassResult:
     """Replace ``cross_entropy(linear(h, W).float().view(-1, V), y)`` with the chunked
     ``unsloth_fx.linear_cross_entropy`` op; stats: ``fused``, ``chunks`` (the last op's count),
     ``chunks_per_region``, ``auto`` (how "auto" chose, per region), ``skipped`` (reasons).
 
     ``chunks``: an int >= 1 or ``"auto"``: the smallest count whose chunk logits
     (``ceil(tokens / k) * vocab * logit_bytes(dtype)``) fit ``AUTO_FRACTION`` of the budget headroom
-    (``chunk_recompute.resolve_chunks``)."""
+    (``chunk_recompute.resolve_chunks``). ``grad_weight_accum``: ``"weight_dtype"`` | ``"fp32"``
+    (the op argument; see the module docstring)."""
     if chunk_size < 0:
         raise ValueError(f"fuse_linear_cross_entropy: chunk_size={chunk_size} must be >= 0")
+    if grad_weight_accum not in GRAD_WEIGHT_ACCUM:
+        raise ValueError(f"fuse_linear_cross_entropy: grad_weight_accum={grad_weight_accum!r} is not one of "
+                         f"{GRAD_WEIGHT_ACCUM}")
     option = parse_chunks(chunks, "fuse_linear_cross_entropy")
     per_region: dict[str, int] = {}
     auto: dict[str, Any] = {}
@@ -137,7 +152,7 @@ def fuse_linear_cross_entropy(gm: torch.fx.GraphModule, ctx: PassContext, chunks
         if info["source"] == "auto":
             auto[rid] = info
         args = (hidden, weight, target, int(_kw(ce, "ignore_index", 4, -100)), chunks, chunk_size,
-                str(_kw(ce, "reduction", 6, "mean")), grad)
+                str(_kw(ce, "reduction", 6, "mean")), grad, grad_weight_accum)
         with g.inserting_before(ce):
             op = g.call_function(torch.ops.unsloth_fx.linear_cross_entropy.default, args)
             loss = g.call_function(operator.getitem, (op, 0))
@@ -146,7 +161,8 @@ def fuse_linear_cross_entropy(gm: torch.fx.GraphModule, ctx: PassContext, chunks
             n.meta["stack_trace"] = lin.meta.get("stack_trace")
             rec = ufx(n)
             rec.region, rec.decision = rid, "chunk"
-            rec.notes.update(chunks=chunks, chunk_size=chunk_size, pattern="linear+cross_entropy")
+            rec.notes.update(chunks=chunks, chunk_size=chunk_size, pattern="linear+cross_entropy",
+                             grad_weight_accum=grad_weight_accum)
         ce.replace_all_uses_with(loss)
         g.erase_node(ce)
         for n in [*chain, lin]:  # chain runs from the cross_entropy side, so users go first
@@ -157,7 +173,8 @@ def fuse_linear_cross_entropy(gm: torch.fx.GraphModule, ctx: PassContext, chunks
         g.lint()
         gm.recompile()
     stats = {"fused": fused, "chunks": per_region[f"lm_head_ce_{fused - 1}"] if fused else option,
-             "chunk_size": chunk_size, "chunks_per_region": per_region, "skipped": skipped}
+             "chunk_size": chunk_size, "chunks_per_region": per_region, "skipped": skipped,
+             "grad_weight_accum": grad_weight_accum}
     if auto:
         stats["auto"] = auto
     return PassResult(gm, fused > 0, stats)

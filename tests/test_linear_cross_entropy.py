@@ -246,7 +246,9 @@ def test_pass_is_idempotent_and_reports_what_it_did():
     first = spec.run(gm, ctx, chunks=5)
     assert first.modified and first.stats["fused"] == 1 and first.stats["chunks"] == 5
     (op,) = [n for n in first.graph_module.graph.nodes if n.target is OP]
-    assert op.args[3:] == (-100, 5, 0, "mean", True)
+    # the pass's default is the op's memory-saving mode (no vocab x hidden fp32 accumulator)
+    assert op.args[3:] == (-100, 5, 0, "mean", True, "weight_dtype")
+    assert first.stats["grad_weight_accum"] == "weight_dtype" == ufx(op).notes["grad_weight_accum"]
     assert ufx(op).decision == "chunk" and ufx(op).region == "lm_head_ce_0"
     assert [u.target for u in op.users] == [operator.getitem]
     assert not any(n.target is F.cross_entropy for n in first.graph_module.graph.nodes)
@@ -259,6 +261,18 @@ def test_pass_rejects_bad_options():
     gm, inputs = _dynamo_graph(ours, ids, labels)
     with pytest.raises(ValueError, match="chunks=0 must be >= 1"):
         get_pass("fuse_linear_cross_entropy").run(gm, PassContext(options=Options(), stage="pre_grad"), chunks=0)
+    with pytest.raises(ValueError, match=r"grad_weight_accum='bf16' is not one of \('fp32', 'weight_dtype'\)"):
+        get_pass("fuse_linear_cross_entropy").run(gm, PassContext(options=Options(), stage="pre_grad"),
+                                                  grad_weight_accum="bf16")
+
+
+def test_pass_option_grad_weight_accum_fp32_reaches_the_op():
+    _, ours, ids, labels = _pair("tiny-qwen2")
+    gm, inputs = _dynamo_graph(ours, ids, labels)
+    res = get_pass("fuse_linear_cross_entropy").run(gm, PassContext(options=Options(), stage="pre_grad"),
+                                                    chunks=2, grad_weight_accum="fp32")
+    (op,) = [n for n in res.graph_module.graph.nodes if n.target is OP]
+    assert op.args[8] == "fp32" and res.stats["grad_weight_accum"] == "fp32"
 
 
 # --- chunks="auto" -----------------------------------------------------------------------------
