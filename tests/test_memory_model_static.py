@@ -120,11 +120,20 @@ def _live_grads(tl):
 def test_fused_update_frees_each_gradient_after_its_last_read():
     joint, nfwd = _two_matmuls()
     plain = M.predict(joint, nfwd, M.static_from_graph(joint, "int8"), how="default")
-    fused_static = M.static_from_graph(joint, "int8", fuse_optimizer=True)
+    # one update call per parameter (fuse_optimizer{group_bytes=0})
+    fused_static = M.static_from_graph(joint, "int8", fuse_optimizer=True, fuse_group_bytes=0)
     fused = M.predict(joint, nfwd, fused_static, how="default")
     assert _live_grads(plain) == (768 * KiB, 768 * KiB)  # both gradients alive at the end of backward
     top, end = _live_grads(fused)
     assert end == 0 and top == 512 * KiB  # never both at once
+    # grouped (the pass's default cap, 64 MiB): both gradients wait for the one group call
+    grouped_static = M.static_from_graph(joint, "int8", fuse_optimizer=True)
+    assert _live_grads(M.predict(joint, nfwd, grouped_static, how="default")) == (768 * KiB, 0)
+    assert grouped_static.optimizer_temp == 768 * KiB + 128 * KiB
+    # a cap under both gradients' sum: one group each again
+    assert _live_grads(M.predict(joint, nfwd, M.static_from_graph(joint, "int8", fuse_optimizer=True,
+                                                                   fuse_group_bytes=700 * KiB),
+                                 how="default")) == (512 * KiB, 0)
     # each update allocates its isfinite mask (1 B/element, int8 tier) then frees the gradient
     ups = [e for e in fused.events if e.node.startswith("fused update") and e.kind == "alloc"]
     assert sorted(e.bytes for e in ups) == [64 * KiB, 128 * KiB]

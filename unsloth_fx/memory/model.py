@@ -153,6 +153,9 @@ class Static:
     # (HybridAdamW's isfinite mask; the hybrid tier's first-step scratch), by parameter name
     step_temp: dict[str, int] = field(default_factory=dict)
     biggest_grad: int = 0
+    # fused update: consecutive updates share one call until their gradients pass this many bytes
+    # (the fuse_optimizer pass's group_bytes; None: its default); those gradients wait for the call
+    fuse_group_bytes: int | None = None
     # the lowering whose buffers the timeline models: "inductor" does not materialize the
     # pointwise chains Inductor fuses into their consumers (see inductor_inlined); "eager"
     # (and anything else) materializes every FX node
@@ -168,6 +171,8 @@ def static_breakdown(
     params: Iterable[tuple],
     optimizer: Any = "adamw",
     fuse_optimizer: bool = False,
+    *,
+    fuse_group_bytes: int | None = None,
 ) -> Static:
     """Static bytes of a step. Each tensor is a separate allocation, so each is
     rounded to a block (as is each optimizer-state tensor).
@@ -181,6 +186,9 @@ def static_breakdown(
     HybridAdamW state is exact per parameter for rows with name and shape: the tier comes from
     ``unsloth_fx.optim.tier_for`` and the bytes from the same ``init_state`` the optimizer runs.
     Rows without them fall back to the flat bytes/parameter of ``OPTIMIZER_STATE``.
+
+    ``fuse_group_bytes``: with ``fuse_optimizer``, the fuse_optimizer pass's ``group_bytes``
+    (None: its default): up to that many bytes of gradients wait for their group's update.
     """
     instance = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
     if instance is not None:
@@ -189,7 +197,8 @@ def static_breakdown(
     else:
         key, policy = parse_optimizer(optimizer)
         layout = None
-    s = Static(optimizer=key if instance is not None else (policy.key if policy else key), fuse_optimizer=fuse_optimizer)
+    s = Static(optimizer=key if instance is not None else (policy.key if policy else key), fuse_optimizer=fuse_optimizer,
+               fuse_group_bytes=fuse_group_bytes)
     flat_rows = 0
     rows = list(params)
     if layout is not None and layout and all(isinstance(k, str) and k.startswith("#") for k in layout):
@@ -248,12 +257,23 @@ def static_breakdown(
             s.assumptions.append(f"hybrid tier: fp32 pool allocated at hybrid_cap={policy.hybrid_cap:g} of each "
                                  "tensor's blocks (exact for the allocation; the gate never uses more)")
     if fuse_optimizer:
-        # The update runs inside backward: each gradient is freed by its update, one
-        # parameter's gradient (plus that update's temporaries) at a time.
+        # The update runs inside backward, in groups of consecutive updates (the pass's
+        # group_bytes): a group's gradients wait for its call, so up to the cap of gradients
+        # (or the one larger gradient) is in flight, plus one member update's temporaries.
+        pending = max(s.biggest_grad, min(s.gradients, _group_bytes(s)))
         s.gradients = 0
-        s.optimizer_temp = max([s.biggest_grad] + [t + g for t, g in _temps_with_grads(s, rows)])
-        s.assumptions.append("optimizer fused into backward: no gradient buffers; each gradient freed by its update")
+        s.optimizer_temp = max([pending] + [t + max(g, pending) for t, g in _temps_with_grads(s, rows)])
+        s.assumptions.append("optimizer fused into backward: no gradient buffers; each gradient freed by its "
+                             f"group's update (groups of up to {_group_bytes(s)} B of gradients)")
     return s
+
+
+def _group_bytes(s: Static) -> int:
+    if s.fuse_group_bytes is not None:
+        return int(s.fuse_group_bytes)
+    from unsloth_fx.passes.fuse_optimizer import DEFAULT_GROUP_BYTES
+
+    return DEFAULT_GROUP_BYTES
 
 
 def _temps_with_grads(s: Static, params: Iterable[tuple]) -> list[tuple[int, int]]:
@@ -560,7 +580,9 @@ def _fused_updates(fw: torch.fx.GraphModule, bw: torch.fx.GraphModule,
                 bmask[n] = read
     out_args = nodes[-1].args[0] if nodes and nodes[-1].op == "output" else ()
     pos = {n: i for i, n in enumerate(nodes)}
-    fused: dict[int, list[tuple[torch.fx.Node, int]]] = {}
+    from unsloth_fx.passes.fuse_optimizer import grad_nbytes, plan_groups
+
+    updates, member = [], {}
     for k, g in enumerate(out_args):
         if not isinstance(g, torch.fx.Node) or g not in pos or k >= len(fw_ph):
             continue
@@ -571,7 +593,14 @@ def _fused_updates(fw: torch.fx.GraphModule, bw: torch.fx.GraphModule,
         temp = static.step_temp.get(name, round_block(int(numel)) if static.step_temp else 0) \
             if isinstance(numel, int) else 0
         at = max(pos[g], last_read.get(k, -1))
-        fused.setdefault(at, []).append((g, temp))
+        # one optimizer assumed: the pass also splits groups where the optimizer changes (never later)
+        updates.append((at, k, None, grad_nbytes(g)))
+        member[k] = (g, temp)
+    # as the pass groups them: every member's gradient stays alive until its group's call, which
+    # runs where the group's last update would have
+    fused: dict[int, list[tuple[torch.fx.Node, int]]] = {}
+    for grp in plan_groups(updates, _group_bytes(static)):
+        fused.setdefault(grp[-1][0], []).extend(member[u[1]] for u in grp)
     return fused
 
 
@@ -851,7 +880,8 @@ def inputs_bytes(joint: torch.fx.GraphModule) -> int:
 
 
 def static_from_graph(joint: torch.fx.GraphModule, optimizer: str = "adamw", fuse_optimizer: bool = False,
-                      params: dict[int, Any] | None = None, lower: str = "eager") -> Static:
+                      params: dict[int, Any] | None = None, lower: str = "eager",
+                      fuse_group_bytes: int | None = None) -> Static:
     """Static bytes of the graph's parameters (placeholders named as parameters). ``lower``: the
     backend's lowering, recorded in ``Static.lower`` (``"inductor"``: model Inductor's fusion)."""
     rows = []
@@ -872,7 +902,7 @@ def static_from_graph(joint: torch.fx.GraphModule, optimizer: str = "adamw", fus
         shape = tuple(h if h is not None else 1 for h in (_compat.symint_hint(d)[0] for d in val.shape))
         rows.append((storage_size(val).nbytes // max(val.element_size(), 1), val.dtype, requires_grad, is_buffer,
                      name, shape))
-    s = static_breakdown(rows, optimizer, fuse_optimizer)
+    s = static_breakdown(rows, optimizer, fuse_optimizer, fuse_group_bytes=fuse_group_bytes)
     s.inputs = inputs_bytes(joint)
     s.lower = lower
     if lower == "inductor":
