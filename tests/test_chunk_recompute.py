@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import unsloth_fx.backend as backend
 from unsloth_fx.options import Options
 from unsloth_fx.pass_base import PassContext, get_pass, ufx
-from unsloth_fx.passes.chunk_recompute import chunk_order_violations
+from unsloth_fx.passes.chunk_recompute import chunk_order_violations, partial_grads_alive
 from unsloth_fx.runtime.linear_cross_entropy import patch_causal_lm
 from unsloth_fx.zoo import build_model
 
@@ -65,6 +65,14 @@ def test_chunked_training_step_matches_hf_and_recomputes_chunk_by_chunk(name, ri
     assert stats["joint"]["chunk_recompute"]["chunks_per_region"] == {r: 3 for r in rids}
     assert _saved_chunk_intermediates(backend.LAST["forward"]) == []
     assert chunk_order_violations(backend.LAST["backward"]) == []
+    # Weight gradients are running sums, also under Inductor's inlining (modelled): addmm chains keep the
+    # previous and the new accumulator (2), chunk_grad_add chains also the partial while the add runs (3).
+    # 2 layers x 3 MLP weights; tiny-deepseek-v3: dense MLP (3), shared expert (3) and router (1) as addmm
+    # chains, the two routed-expert weights (grouped_mm partials) as chunk_grad_add chains.
+    alive = partial_grads_alive(backend.LAST["backward"], "inductor")
+    assert sorted(alive.values()) == ([2] * 6 if "moe_0" not in rids else [2] * 7 + [3, 3])
+    acc = stats["joint"]["chunk_recompute"]["accumulated"]
+    assert acc == ({"addmm": 6} if "moe_0" not in rids else {"addmm": 7, "chunk_grad_add": 2})
     # Negative control: in the joint graph every chunk's forward precedes every backward, so the checker fires.
     assert len(chunk_order_violations(backend.LAST["joint"])) == 2 * regions
     recs = [n.meta["ufx"] for n in backend.LAST["backward"].graph.nodes if getattr(n.meta.get("ufx"), "region", None)]
@@ -229,3 +237,94 @@ def test_memory_plan_count_wins_over_auto():
     ctx.shared["memory_plan"] = {"chunks": {"mlp": 2}}
     res = get_pass("split_token_chunks").run(gm, ctx, chunks="auto")
     assert res.stats["chunks_per_region"] == {"mlp_0": 2} and "auto" not in res.stats
+
+
+# --- running-sum weight gradients ---------------------------------------------------------------
+
+def _mlp_backward(accumulate, chunks=4, lower="eager"):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = GatedMLP(8, 16, F.silu)
+    x = torch.randn(1, 12, 8, requires_grad=True)
+    pipe = f"default,+split_token_chunks{{chunks={chunks}}},chunk_recompute{{accumulate={accumulate}}}"
+    out = torch.compile(m, backend="unsloth", options={"lower": lower, "pipeline": pipe})(x)
+    got = torch.autograd.grad(out, [x, *m.parameters()])
+    want = torch.autograd.grad(m(x), [x, *m.parameters()])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL)
+    return backend.LAST
+
+
+def test_golden_at_most_two_partials_of_one_weight_alive_in_the_backward():
+    # Autograd traces the sum of the 4 chunks' partials as add(add(add(p3, p2), p1), p0). The eager
+    # lowering runs it as written (2 alive), but Inductor inlines the pointwise chain into the kernel that
+    # writes the gradient, so all 4 partials of each weight live until then (accumulate=false: 4).
+    last = _mlp_backward("false")
+    assert list(partial_grads_alive(last["backward"], "inductor").values()) == [4, 4, 4]
+    assert "accumulated" not in last["ctx"].stats["joint"]["chunk_recompute"]
+    last = _mlp_backward("true")
+    bw = last["backward"]
+    assert last["ctx"].stats["joint"]["chunk_recompute"]["accumulated"] == {"addmm": 3}
+    assert list(partial_grads_alive(bw, "inductor").values()) == [2, 2, 2]
+    assert list(partial_grads_alive(bw, "eager").values()) == [2, 2, 2]
+    # Golden: per weight one mm (the last chunk's, first in the backward) and 3 addmm; no add of partials.
+    fc = torch.testing.FileCheck()
+    fc.check_count("torch.ops.aten.addmm.default(mm_", 3, exactly=True)
+    fc.check_count("torch.ops.aten.addmm.default(addmm_default", 6, exactly=True).run(bw.code)
+    assert chunk_order_violations(bw) == []
+    # Each accumulator is consumed by the next chunk's addmm before that chunk's next partial is made.
+    order = {n: i for i, n in enumerate(bw.graph.nodes)}
+    for n in bw.graph.nodes:
+        if n.target is torch.ops.aten.addmm.default:
+            assert all(order[u] <= order[n] + 40 for u in n.args[0].users)
+            assert n.meta["ufx"].notes["accumulates"] == "addmm" and n.meta["ufx"].chunk is not None
+
+
+def test_accumulation_is_idempotent_and_can_be_turned_off():
+    last = _mlp_backward("true")
+    again = get_pass("chunk_recompute").run(last["joint"], last["ctx"])
+    assert not again.modified and "accumulated" not in again.stats
+    assert "addmm" in last["joint"].code
+
+
+def test_moe_expert_partials_accumulate_through_chunk_grad_add():
+    op = torch.ops.unsloth_fx.chunk_grad_add.default
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    torch.testing.assert_close(op(a, b), a + b, rtol=0, atol=0)
+    torch.library.opcheck(op, (a, b))
+
+
+@pytest.mark.slow
+def test_inductor_lowered_backward_keeps_at_most_two_partials_per_weight():
+    """The real Inductor output code of tiny-qwen2's backward: count the live buffers with an MLP weight's
+    element count (I x H) line by line; 2 layers x 3 weights x at most 2 alive."""
+    import re
+
+    from unsloth_fx import _compat
+
+    def max_weight_buffers(accumulate):
+        torch._dynamo.reset()
+        _, ours, ids = _pair("tiny-qwen2")
+        pipe = PIPE + f",chunk_recompute{{accumulate={accumulate}}}"
+        step = torch.compile(ours, backend="unsloth", options={"lower": "inductor", "pipeline": pipe})
+        _, codes = _compat.inductor_output_code(lambda: step(input_ids=ids, labels=ids).loss.backward())
+        cfg = ours.config
+        numel = cfg.intermediate_size * cfg.hidden_size
+        code = codes[-1]  # the backward
+        live, best = {}, 0
+        for line in code[code.index("def call"):].splitlines():
+            m = re.match(r"\s*(buf\d+) = empty_strided\w*\(\(([\d, ]*)\)", line)
+            if m:
+                live[m[1]] = eval("(" + m[2] + ",)")
+            m = re.match(r"\s*(buf\d+) = (?:reinterpret_tensor\()?(buf\d+)(?:, \(([\d, ]*)\))?.*# reuse", line)
+            if m:
+                live[m[1]] = eval("(" + m[3] + ",)") if m[3] else live[m[2]]
+                live.pop(m[2], None)
+            for d in re.findall(r"del (buf\d+)", line):
+                if not line.strip().startswith(f"{d} ="):
+                    live.pop(d, None)
+            best = max(best, sum(torch.Size(s).numel() == numel for s in live.values()))
+        return best
+
+    assert max_weight_buffers("true") <= 2 * 3
+    assert max_weight_buffers("false") > 2 * 3  # negative control: the inlined add chain defers every partial
