@@ -5,7 +5,9 @@ GPU (the lead runs this)::
     python benchmarks/bench_fuse.py --out bench_fuse.json
     # r1-distill-qwen-1.5b, bf16 weights, batch 1, seq 2048, HybridAdamW (hybrid tier),
     # backend="unsloth" (Inductor): variant "unfused" (opt.step() after backward) and
-    # "fused" (fuse_optimizer=True + unsloth_fx.fusion.attach), side by side.
+    # "fused" (fuse_optimizer=True + unsloth_fx.fusion.attach; grouped updates, the default) and
+    # "fused-ungrouped" (the same with fuse_optimizer{group_bytes=0}: one update call per parameter).
+    # --variants unfused,fused picks a subset.
 
 CPU smoke run (tiny-qwen2, eager lowering, seq 64, no memory numbers)::
 
@@ -32,7 +34,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("unfused", "fused")
+VARIANTS = ("unfused", "fused", "fused-ungrouped")  # fused: grouped updates (the default)
 
 
 def child(a: argparse.Namespace) -> dict:
@@ -50,12 +52,14 @@ def child(a: argparse.Namespace) -> dict:
     model.config.use_cache = False
     model.train()
     opt = HybridAdamW(model.named_parameters(), lr=1e-5, weight_decay=0.1, state_precision=a.tier)
-    fused = a.variant == "fused"
+    fused = a.variant.startswith("fused")
     if fused:
         fusion.attach(model, opt)
     opts = {"fuse_optimizer": fused, "lower": "eager" if a.smoke else "inductor"}
     if a.pipeline:
         opts["pipeline"] = a.pipeline
+    if a.variant == "fused-ungrouped":  # naming the pass again sets its option in place
+        opts["pipeline"] = (a.pipeline or "default") + ",fuse_optimizer{group_bytes=0}"
     compiled = torch.compile(model, backend="unsloth", options=opts)
     n_params = sum(p.numel() for p in model.parameters())
     vocab = model.config.vocab_size
@@ -136,11 +140,14 @@ def table(rows: list[dict]) -> str:
             continue
         lines.append(f"| {r['variant']} | {_gib(r['peak_bytes'])} | {_gib(r['grad_bytes_after_backward'])} | "
                      f"{r['step_s_median'] * 1e3:.1f} ms | {r['tokens_per_s']:.0f} | {r['device']} |")
-    ok = [r for r in rows if "error" not in r]
-    if len(ok) == 2 and ok[0]["peak_bytes"] is not None:
-        d = ok[0]["peak_bytes"] - ok[1]["peak_bytes"]
-        lines.append(f"\nfused saves {_gib(d)} of peak; step time ratio fused/unfused "
-                     f"{ok[1]['step_s_median'] / ok[0]['step_s_median']:.3f}")
+    ok = {r["variant"]: r for r in rows if "error" not in r}
+    base = ok.get("unfused")
+    for v in ("fused", "fused-ungrouped"):
+        r = ok.get(v)
+        if base is None or r is None:
+            continue
+        saved = f"{v} saves {_gib(base['peak_bytes'] - r['peak_bytes'])} of peak; " if base["peak_bytes"] else ""
+        lines.append(f"\n{saved}step time ratio {v}/unfused {r['step_s_median'] / base['step_s_median']:.3f}")
     return "\n".join(lines)
 
 
@@ -158,6 +165,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     a = ap.parse_args()
     a.model = a.model or ("tiny-qwen2" if a.smoke else "r1-distill-qwen-1.5b")
     a.seq = a.seq or (64 if a.smoke else 2048)
@@ -168,7 +176,7 @@ def main() -> None:
     if a.child:
         print(json.dumps(child(a)))
         return
-    rows = [run_child(a, v) for v in VARIANTS]
+    rows = [run_child(a, v) for v in a.variants.split(",")]
     print(table(rows))
     if a.out:
         with open(a.out, "w") as f:
