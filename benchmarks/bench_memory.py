@@ -281,7 +281,8 @@ def build_cells(*, model: str, device: str, lower: str, seqs: list[int], budgets
         if "stock" in modes:
             cells.append(dict(base, seq=seq, budget=None, mode="stock", torch_adamw=torch_adamw))
         if "torch-budget" in modes:
-            cells += [dict(base, seq=seq, budget=None, mode="torch-budget", amb=a, torch_adamw=torch_adamw) for a in ambs]
+            cells += [dict(base, seq=seq, budget=None, mode="torch-budget", amb=a, torch_adamw=torch_adamw)
+                      for a in ambs]
         for mode in ("ours-apply", "ours"):
             if mode in modes:
                 cells += [dict(base, seq=seq, budget=b, mode=mode) for b in budgets]
@@ -379,8 +380,8 @@ def tables(results: list[dict]) -> str:
     pairs = pair_with_torch(results)
     if pairs:
         L += ["", "ours-apply beside the torch cell of the same seq with the nearest measured peak (all steps):", "",
-              "| seq | budget GiB | ours GiB | ours tokens/s | torch cell | torch GiB | torch - ours GiB | torch tokens/s "
-              "| ours / torch |", "|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+              "| seq | budget GiB | ours GiB | ours tokens/s | torch cell | torch GiB | torch - ours GiB "
+              "| torch tokens/s | ours / torch |", "|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
         for p in pairs:
             o, t = p["ours"], p["torch"]
             if t is None:
@@ -393,8 +394,8 @@ def tables(results: list[dict]) -> str:
     off = {r.get("tag"): r for r in results if r.get("tag") in ("offload", "no-offload")}
     if off:
         L += ["", "offload cell (same budget, same pipeline but plan_memory's offload switch):", "",
-              "| cell | seq | budget GiB | offloaded tensors | offloaded GiB | recompute | predicted GiB | measured GiB "
-              "(all steps) | tokens/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| cell | seq | budget GiB | offloaded tensors | offloaded GiB | recompute | predicted GiB "
+              "| measured GiB (all steps) | tokens/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for k in ("offload", "no-offload"):
             r = off.get(k)
             if r is None:
