@@ -120,7 +120,8 @@ def workspace_bytes(tokens: int, vocab: int, hidden: int, dtype: torch.dtype, ch
     CUDA caching allocator does. From :func:`_forward_impl`, for ``c`` = :func:`chunk_tokens`
     tokens per chunk, ``s`` = the weight dtype's size, ``T`` tokens, ``V`` vocab, ``H`` hidden:
 
-    - ``[T]`` bookkeeping: int64 targets, bool masks, fp32 lse / target logits / weights: 48 B/token;
+    - ``[T]`` bookkeeping (int64 targets, bool masks, fp32 lse / target logits / weights) and scalars:
+      at most 5 buffers of ``T x 8`` bytes and 8 single blocks alive at once (each rounded);
     - with gradients: ``grad_hidden`` ``T x H x s`` and the ``grad_weight`` buffer: ``V x H x 4``
       (``"fp32"``) or ``V x H x s`` (``"weight_dtype"``, or an fp32 weight);
     - inside a chunk, the larger of: logits ``c x V x s`` + the fp32 exponentials ``c x V x 4``
@@ -130,7 +131,7 @@ def workspace_bytes(tokens: int, vocab: int, hidden: int, dtype: torch.dtype, ch
     """
     s = torch.empty((), dtype=dtype, device="meta").element_size()
     c = min(chunk_tokens(tokens, chunks, chunk_size), max(tokens, 1))
-    fixed = _blocks(tokens * 48)
+    fixed = 5 * _blocks(tokens * 8) + 8 * _BLOCK
     if tokens == 0:
         return fixed
     exps = _blocks(c * vocab * s) + (0 if s == 4 else _blocks(c * vocab * 4))
