@@ -1,14 +1,17 @@
-"""Chunked LM head + CE and chunked MLP recompute vs unchunked: peak memory and tokens/s.
+"""Chunked LM head + CE and chunked MLP recompute vs unchunked: peak memory, tokens/s and the recompute floor.
 
 GPU (the lead runs this)::
 
-    python benchmarks/bench_chunk.py --out bench_chunk.json
-    # r1-distill-qwen-1.5b, bf16, batch 1, seq 2048 and 8192; variants: unchunked,
-    # chunked (fuse_linear_cross_entropy + split_token_chunks + chunk_recompute),
-    # liger (liger_kernel's fused linear CE, if it imports); plus the largest
-    # sequence that fits in --fit-limit (default 16GiB) for each variant.
+    python benchmarks/bench_chunk.py --jobs 3 --out bench_chunk.json
+    # r1-distill-qwen-1.5b, bf16, batch 1, seq 2048 and 8192; variants:
+    #   unchunked  the default pipeline
+    #   lm_head    only the LM head + cross-entropy chunked (fuse_linear_cross_entropy; no MLP split, no recompute)
+    #   chunked    lm_head + split_token_chunks + chunk_recompute (MLPs / MoE blocks recomputed chunk by chunk)
+    #   liger      liger_kernel's fused linear CE (Qwen2 models, if it imports)
+    # then the largest sequence that fits in --fit-limit (default 16GiB) for each variant.
+    python benchmarks/bench_chunk.py --model deepseek-v3-mini --jobs 3 --out bench_chunk_moe.json
 
-CPU smoke run (tiny-qwen2, eager lowering, no memory numbers)::
+CPU smoke run (tiny-qwen2 and the MoE tiny-deepseek-v3, eager lowering, no memory numbers)::
 
     python benchmarks/bench_chunk.py --smoke --out /tmp/bench_chunk.json
 
@@ -17,6 +20,25 @@ caching allocator never carry over. A step is forward + backward with random
 token ids as labels; no optimizer (it does not change between variants), grads
 set to None between steps. Peak memory is ``torch.cuda.max_memory_allocated``
 over the timed steps (bytes); tokens/s counts batch x seq tokens per step.
+
+**Recompute floor** (:func:`flop_floor`, by arithmetic from the model's parameters, not measured): the
+forward FLOPs chunked recompute runs again in the backward divided by the FLOPs of the unchunked step.
+Step = 3 x forward (backward = 2 x forward); forward = 2 x tokens x matmul parameters active per token
+(2-D weights, the LM head, routed experts scaled by top_k / n_experts) + causal attention scores
+(batch x seq^2 x heads x (d_qk + d_v) per layer). Recomputed per MLP region: its matmuls except the
+dense/shared down projection, whose output the backward does not need (gate + up; for MoE blocks also
+the router and the routed experts' down projection, whose output the routing-weight gradient reads).
+The lm_head variant recomputes nothing (the fused op computes its gradients in the forward): floor 0.
+The table prints each variant's slowdown vs unchunked next to its floor; the difference is overhead
+beyond the recompute (smaller matmuls, extra kernels).
+
+**Largest fitting sequence** (``--fit-limit``): each probe is one compile + one step in a subprocess
+with ``torch.cuda.set_per_process_memory_fraction``. The search starts from the line through the
+variant's measured peaks at the two shortest measured sequences (peak is linear in seq once the
+logits are chunked or the attention is flash/efficient), probes the predicted largest multiple of
+``--fit-step`` and steps by ``--fit-step`` from there until it has a fitting and a failing neighbour
+(typically 2 probes); without two measured peaks it doubles from ``--fit-step`` and bisects.
+Variants are searched in parallel (``--jobs``). The number of probes is printed and saved.
 """
 
 from __future__ import annotations
@@ -31,10 +53,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _lock import parallel_map, timed_section  # noqa: E402
 
-VARIANTS = ("unchunked", "chunked", "liger")
+VARIANTS = ("unchunked", "lm_head", "chunked", "liger")
 
 
 def _pipeline(variant: str, chunks: int) -> str:
+    if variant == "lm_head":
+        return f"default,+fuse_linear_cross_entropy{{chunks={chunks}}}"
     if variant == "chunked":
         return (f"default,+split_token_chunks{{chunks={chunks}}},+fuse_linear_cross_entropy{{chunks={chunks}}},"
                 f"chunk_recompute{{chunks={chunks}}}")
@@ -60,7 +84,7 @@ def child(a: argparse.Namespace) -> dict:
 
         apply_liger_kernel_to_qwen2(rope=False, rms_norm=False, swiglu=False, cross_entropy=False,
                                     fused_linear_cross_entropy=True, model=model)
-    if a.variant in ("chunked", "liger"):
+    if a.variant in ("chunked", "lm_head", "liger"):
         patch_causal_lm(model)  # drops logits in training, the same way for both fused variants
     opts = {"lower": a.lower, "pipeline": _pipeline(a.variant, a.chunks)}
     step_model = torch.compile(model, backend="unsloth", options=opts)
@@ -93,38 +117,103 @@ def child(a: argparse.Namespace) -> dict:
     }
 
 
-def run_child(a: argparse.Namespace, variant: str, seq: int, mem_limit: int = 0) -> dict:
+def run_child(a: argparse.Namespace, variant: str, seq: int, mem_limit: int = 0, model: str | None = None,
+              steps: int | None = None, warmup: int | None = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", "--variant", variant, "--seq", str(seq),
-           "--model", a.model, "--batch", str(a.batch), "--chunks", str(a.chunks), "--lower", a.lower,
-           "--steps", str(a.steps), "--warmup", str(a.warmup), "--mem-limit", str(mem_limit)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+           "--model", model or a.model, "--batch", str(a.batch), "--chunks", str(a.chunks), "--lower", a.lower,
+           "--steps", str(steps or a.steps), "--warmup", str(warmup or a.warmup), "--mem-limit", str(mem_limit)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+    except subprocess.TimeoutExpired:
+        return {"variant": variant, "seq": seq, "model": model or a.model, "error": f"timeout {a.timeout} s",
+                "oom": False}
     for line in reversed(p.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
     err = (p.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"variant": variant, "seq": seq, "error": err[:300], "oom": "out of memory" in p.stderr.lower()}
+    return {"variant": variant, "seq": seq, "model": model or a.model, "error": err[:300],
+            "oom": "out of memory" in p.stderr.lower()}
 
 
-def largest_fit(a: argparse.Namespace, variant: str, limit: int) -> int | None:
-    """Largest multiple of --fit-step tokens whose step runs under ``limit`` bytes (doubling, then bisection)."""
-    ok, lo, hi = None, a.fit_step, None
-    seq = a.fit_step
+def flop_floor(model_name: str, batch: int, seq: int, variant: str) -> dict:
+    """FLOPs of one unchunked training step and the forward FLOPs ``variant`` recomputes (module docstring).
+    Counted from the parameters of the model built on meta: ``{"step_flops", "recompute_flops", "ratio"}``."""
+    from unsloth_fx.zoo import build_model
+
+    m = build_model(model_name, device="meta")
+    c = m.config
+    tokens = batch * seq
+    experts = getattr(c, "n_routed_experts", None) or getattr(c, "num_local_experts", None) or 0
+    top_k = getattr(c, "num_experts_per_tok", None) or 0
+    active = recompute = 0.0
+    for name, p in m.named_parameters():
+        if p.dim() < 2 or "embed_tokens" in name:
+            continue
+        n = p.numel() * (top_k / experts if p.dim() == 3 and experts else 1.0)
+        active += n
+        if ".mlp." in name and ("down_proj" not in name or ".experts.down_proj" in name):
+            recompute += n
+    if getattr(c, "tie_word_embeddings", False):
+        active += c.vocab_size * c.hidden_size  # the LM head matmul with the embedding's weight
+    heads = c.num_attention_heads
+    d_qk = getattr(c, "qk_head_dim", None) or getattr(c, "head_dim", None) or c.hidden_size // heads
+    d_v = getattr(c, "v_head_dim", None) or d_qk
+    attn = c.num_hidden_layers * batch * seq * seq * heads * (d_qk + d_v)  # QK^T + PV, 2 FLOPs/MAC, causal half
+    step = 3 * (2 * tokens * active + attn)
+    rec = 2 * tokens * recompute if variant == "chunked" else 0.0
+    return {"step_flops": step, "recompute_flops": rec, "ratio": rec / step}
+
+
+def _line_fit(a: argparse.Namespace, rows: list[dict], variant: str, model: str, limit: int) -> int | None:
+    """Largest multiple of --fit-step under ``limit`` on the line through the two shortest measured peaks."""
+    pts = sorted((r["seq"], r["peak_bytes"]) for r in rows
+                 if r.get("variant") == variant and r.get("model", model) == model and r.get("peak_bytes"))
+    if len(pts) < 2 or pts[1][0] == pts[0][0] or pts[1][1] <= pts[0][1]:
+        return None
+    (s0, p0), (s1, p1) = pts[:2]
+    slope = (p1 - p0) / (s1 - s0)
+    seq = s0 + (limit - p0) / slope
+    return max(a.fit_step, min(a.fit_max, int(seq) // a.fit_step * a.fit_step))
+
+
+def largest_fit(a: argparse.Namespace, variant: str, limit: int, start: int | None = None,
+                model: str | None = None) -> tuple[int | None, int]:
+    """(largest multiple of --fit-step whose step runs under ``limit`` bytes, probes run). From ``start``
+    (a prediction): step by --fit-step towards the boundary; without one: doubling, then bisection."""
+    probes = 0
+
+    def fits(seq: int) -> bool:
+        nonlocal probes
+        probes += 1
+        return "error" not in run_child(a, variant, seq, limit, model, steps=1, warmup=1)
+
+    step = a.fit_step
+    if start is not None:
+        if fits(start):
+            seq = start
+            while seq + step <= a.fit_max and fits(seq + step):
+                seq += step
+            return seq, probes
+        seq = start - step
+        while seq >= step and not fits(seq):
+            seq -= step
+        return (seq if seq >= step else None), probes
+    ok, lo, hi, seq = None, step, None, step
     while seq <= a.fit_max:
-        r = run_child(a, variant, seq, limit)
-        if "error" in r:
+        if not fits(seq):
             hi = seq
             break
         ok, lo = seq, seq
         seq *= 2
     if hi is None:
-        return ok
-    while hi - lo > a.fit_step:
-        mid = (lo + hi) // 2 // a.fit_step * a.fit_step
-        if "error" in run_child(a, variant, mid, limit):
-            hi = mid
-        else:
+        return ok, probes
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        if fits(mid):
             ok, lo = mid, mid
-    return ok
+        else:
+            hi = mid
+    return ok, probes
 
 
 def main() -> None:
@@ -143,7 +232,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--jobs", type=int, default=1, help="cells compiling at once (timing stays serial)")
     ap.add_argument("--out", default="bench_chunk.json")
-    ap.add_argument("--smoke", action="store_true", help="CPU: tiny-qwen2, seq 64/128, eager, no fit search")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU: tiny-qwen2 and tiny-deepseek-v3 (MoE), seq 64, eager, no fit search")
     ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="unchunked", help=argparse.SUPPRESS)
     ap.add_argument("--seq", type=int, default=2048, help=argparse.SUPPRESS)
@@ -152,34 +242,58 @@ def main() -> None:
     if a._child:
         print(json.dumps(child(a)))
         return
+    models = [a.model]
     if a.smoke:
-        a.model, a.seqs, a.lower, a.fit_limit, a.steps, a.warmup, a.chunks = "tiny-qwen2", "64,128", "eager", "0", 2, 1, 4
+        a.seqs, a.lower, a.fit_limit, a.steps, a.warmup, a.chunks = "64", "eager", "0", 2, 1, 4
+        models = ["tiny-qwen2", "tiny-deepseek-v3"]
     try:
         import liger_kernel  # noqa: F401
         have_liger = True
     except ImportError:
         have_liger = False
-    variants = [v for v in a.variants.split(",") if v != "liger" or have_liger]
     from unsloth_fx.options import format_bytes, parse_bytes
+    from unsloth_fx.zoo import build_model
 
-    cells = [(v, int(s)) for s in a.seqs.split(",") for v in variants]
-    rows = parallel_map(lambda c: run_child(a, *c), cells, a.jobs)
+    def variants_for(model: str) -> list[str]:
+        # Liger's patch used here is Qwen2's (apply_liger_kernel_to_qwen2).
+        qwen2 = build_model(model, device="meta").config.model_type == "qwen2"
+        return [v for v in a.variants.split(",") if v != "liger" or (have_liger and qwen2)]
+
+    t0 = time.perf_counter()
+    cells = [(m, v, int(s)) for m in models for s in a.seqs.split(",") for v in variants_for(m)]
+    rows = parallel_map(lambda c: run_child(a, c[1], c[2], model=c[0]), cells, a.jobs)
     limit = parse_bytes(a.fit_limit) if a.fit_limit not in ("0", "") else 0
-    fits = {v: largest_fit(a, v, limit) for v in variants} if limit else {}
-    print(f"\n{a.model}, batch {a.batch}, chunks {a.chunks}, lower={a.lower}"
-          + ("" if have_liger else " (liger_kernel not importable: no liger column)"))
-    print("| variant | seq | peak memory | tokens/s | note |\n|---|---|---|---|---|")
+    fits: dict[str, dict] = {}
+    if limit:
+        vs = variants_for(a.model)
+        starts = {v: _line_fit(a, rows, v, a.model, limit) for v in vs}
+        found = parallel_map(lambda v: largest_fit(a, v, limit, starts[v]), vs, a.jobs)
+        fits = {v: {"seq": f[0], "probes": f[1], "predicted": starts[v]} for v, f in zip(vs, found)}
+    elapsed = time.perf_counter() - t0
     for r in rows:
-        peak = format_bytes(r["peak_bytes"]) if r.get("peak_bytes") else "not measured (CPU)"
-        tps = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "-"
-        print(f"| {r['variant']} | {r['seq']} | {peak if 'error' not in r else '-'} | {tps} | "
-              f"{('OOM' if r.get('oom') else r['error']) if 'error' in r else ''} |")
+        if "error" not in r:
+            r["flops"] = flop_floor(r["model"], a.batch, r["seq"], r["variant"])
+    base = {(r["model"], r["seq"]): r["tokens_per_s"] for r in rows if r["variant"] == "unchunked" and "error" not in r}
+    for m in models:
+        print(f"\n{m}, batch {a.batch}, chunks {a.chunks}, lower={a.lower}"
+              + ("" if have_liger else " (liger_kernel not importable: no liger column)"))
+        print("| variant | seq | peak memory | tokens/s | slowdown vs unchunked | recompute floor | note |\n"
+              "|---|---|---|---|---|---|---|")
+        for r in (r for r in rows if r.get("model", m) == m):
+            peak = format_bytes(r["peak_bytes"]) if r.get("peak_bytes") else "not measured (CPU)"
+            tps = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "-"
+            ref = base.get((m, r["seq"]))
+            slow = f"{ref / r['tokens_per_s'] - 1:+.1%}" if ref and "tokens_per_s" in r else "-"
+            floor = f"+{r['flops']['ratio']:.1%}" if "flops" in r else "-"
+            print(f"| {r['variant']} | {r['seq']} | {peak if 'error' not in r else '-'} | {tps} | {slow} | {floor} | "
+                  f"{('OOM' if r.get('oom') else r['error']) if 'error' in r else ''} |")
     if fits:
         print(f"\nLargest seq (multiple of {a.fit_step}) fitting in {a.fit_limit}: "
-              + ", ".join(f"{v}: {s}" for v, s in fits.items()))
+              + ", ".join(f"{v}: {f['seq']} ({f['probes']} probes, predicted {f['predicted']})" for v, f in fits.items()))
+    print(f"{len(cells)} cells + {sum(f['probes'] for f in fits.values())} fit probes in {elapsed:.0f} s")
     with open(a.out, "w") as f:
         json.dump({"args": {k: v for k, v in vars(a).items() if not k.startswith("_")}, "rows": rows,
-                   "largest_fit": fits, "fit_limit": a.fit_limit}, f, indent=2)
+                   "largest_fit": fits, "fit_limit": a.fit_limit, "elapsed_s": elapsed}, f, indent=2)
     print(f"wrote {a.out}")
 
 
