@@ -295,36 +295,21 @@ def test_moe_expert_partials_accumulate_through_chunk_grad_add():
 
 
 @pytest.mark.slow
-def test_inductor_lowered_backward_keeps_at_most_two_partials_per_weight():
-    """The real Inductor output code of tiny-qwen2's backward: count the live buffers with an MLP weight's
-    element count (I x H) line by line; 2 layers x 3 weights x at most 2 alive."""
-    import re
-
-    from unsloth_fx import _compat
-
-    def max_weight_buffers(accumulate):
+def test_inductor_lowering_gets_running_sums_and_matches_hf():
+    """lower="inductor": the backward graph Inductor lowers (Inductor's decompositions: ``permute(mm)``
+    partials) has running sums, under the inlining model at most 2 partials of one weight alive (without
+    the rewrite: 3, one per chunk), and the step matches HF. Inductor's real output code on CPU cannot show
+    the difference: off GPU its post-grad ``addmm`` pattern fuses ``add(acc, mm)`` itself
+    (``should_prefer_unfused_addmm`` is GPU-only), which is why this checks the graph it is given."""
+    got = {}
+    for accumulate in ("false", "true"):
         torch._dynamo.reset()
-        _, ours, ids = _pair("tiny-qwen2")
+        ref, ours, ids = _pair("tiny-qwen2")
         pipe = PIPE + f",chunk_recompute{{accumulate={accumulate}}}"
-        step = torch.compile(ours, backend="unsloth", options={"lower": "inductor", "pipeline": pipe})
-        _, codes = _compat.inductor_output_code(lambda: step(input_ids=ids, labels=ids).loss.backward())
-        cfg = ours.config
-        numel = cfg.intermediate_size * cfg.hidden_size
-        code = codes[-1]  # the backward
-        live, best = {}, 0
-        for line in code[code.index("def call"):].splitlines():
-            m = re.match(r"\s*(buf\d+) = empty_strided\w*\(\(([\d, ]*)\)", line)
-            if m:
-                live[m[1]] = eval("(" + m[2] + ",)")
-            m = re.match(r"\s*(buf\d+) = (?:reinterpret_tensor\()?(buf\d+)(?:, \(([\d, ]*)\))?.*# reuse", line)
-            if m:
-                live[m[1]] = eval("(" + m[3] + ",)") if m[3] else live[m[2]]
-                live.pop(m[2], None)
-            for d in re.findall(r"del (buf\d+)", line):
-                if not line.strip().startswith(f"{d} ="):
-                    live.pop(d, None)
-            best = max(best, sum(torch.Size(s).numel() == numel for s in live.values()))
-        return best
-
-    assert max_weight_buffers("true") <= 2 * 3
-    assert max_weight_buffers("false") > 2 * 3  # negative control: the inlined add chain defers every partial
+        loss, g = _step(torch.compile(ours, backend="unsloth", options={"lower": "inductor", "pipeline": pipe}), ids)
+        loss_ref, g_ref = _step(ref, ids)
+        torch.testing.assert_close(loss, loss_ref, **TOL)
+        for k in g_ref:
+            torch.testing.assert_close(g[k], g_ref[k], **TOL, msg=lambda m: f"{k}: {m}")
+        got[accumulate] = sorted(partial_grads_alive(backend.LAST["backward"], "inductor").values())
+    assert got == {"false": [3] * 6, "true": [2] * 6}
