@@ -384,7 +384,10 @@ def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optim
       (``chunks`` token chunks each). ``chunks="auto"`` (default): with ``seq_len``, a budget and
       ``check``, no chunking when the unchunked step fits the budget with the optimizer asked for
       (HybridAdamW's default tiers when it chooses them), since chunking costs throughput (23-25% on
-      r1-distill-qwen-1.5b, docs/benchmarks.md); else 8 chunks. Without that information: 8.
+      r1-distill-qwen-1.5b, docs/benchmarks.md); else 8 chunks. Without that information: 8. The chunked
+      LM head sums its weight gradient in the weight dtype (the pass's memory-saving default,
+      ``grad_weight_accum="weight_dtype"``: no ``vocab x hidden`` fp32 buffer, one rounding per chunk);
+      a ``pipeline`` with ``fuse_linear_cross_entropy{chunks=8,grad_weight_accum=fp32}`` keeps fp32.
     * other ``options``: backend options (``lower``, ``dump``, ``share_weights``, ``pipeline``, ``verify``, ...).
     """
     features = feature_status()
@@ -466,7 +469,9 @@ def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optim
                            "optimizer_policy": policy or {"chosen": key, "why": "fixed by the caller"
                                                           if hybrid else "not HybridAdamW: no tier choice"},
                            "assumptions": (chk.assumptions if chk else []) + (
-                               ["chunked LM head + CE and token-chunked MLPs in the pipeline"] if chunking else [])}
+                               ["chunked LM head + CE and token-chunked MLPs in the pipeline; the LM-head gradient "
+                                "summed in the weight dtype (fuse_linear_cross_entropy's default grad_weight_accum="
+                                "weight_dtype: no vocab x hidden fp32 buffer)"] if chunking else [])}
     return compiled, opt
 
 
