@@ -119,6 +119,21 @@ def child(a: argparse.Namespace) -> dict:
 
 def run_child(a: argparse.Namespace, variant: str, seq: int, mem_limit: int = 0, model: str | None = None,
               steps: int | None = None, warmup: int | None = None) -> dict:
+    """One cell in a subprocess; its record is also printed (stderr) and appended to ``<out>.partial.jsonl``
+    as soon as it ends, so a run cut short keeps what it measured."""
+    rec = _run_child(a, variant, seq, mem_limit, model, steps, warmup)
+    rec = {**rec, "mem_limit": mem_limit}
+    print(f"  done {rec.get('model')} {variant} seq {seq}" + (f" (limit {mem_limit / 2**30:.1f} GiB)" if mem_limit else "")
+          + (f": error {rec['error'][:120]}" if "error" in rec else
+             f": peak {(rec.get('peak_bytes') or 0) / 2**30:.2f} GiB, {rec['tokens_per_s']:,.0f} tokens/s"),
+          file=sys.stderr, flush=True)
+    with open(a.out + ".partial.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    return rec
+
+
+def _run_child(a: argparse.Namespace, variant: str, seq: int, mem_limit: int = 0, model: str | None = None,
+               steps: int | None = None, warmup: int | None = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", "--variant", variant, "--seq", str(seq),
            "--model", model or a.model, "--batch", str(a.batch), "--chunks", str(a.chunks), "--lower", a.lower,
            "--steps", str(steps or a.steps), "--warmup", str(warmup or a.warmup), "--mem-limit", str(mem_limit)]
