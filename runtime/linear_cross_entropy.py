@@ -14,7 +14,10 @@ Gradients are computed in the forward, chunk by chunk, and returned as extra
 outputs that autograd saves; backward only scales them by the incoming
 gradient, in place when it runs eagerly (see :func:`_backward`: the op's
 ``grad_hidden`` / ``grad_weight`` outputs are therefore overwritten by backward;
-read them before). Why this and not "save the inputs, recompute in backward":
+read them before). Compiled, the traced backward emits :func:`lce_grad_scale`
+and the ``inplace_saved_grad_scale`` pass makes it in place too (``scale_``): the
+saved gradients are consumed there as well, and a second backward through the
+same graph (``retain_graph=True``) raises (the saved tensor's version changed). Why this and not "save the inputs, recompute in backward":
 
 - FLOPs: computing the gradients in the forward costs the same three matmuls
   as unchunked training (logits, grad_hidden, grad_weight). Recomputing in
@@ -276,8 +279,10 @@ def _backward(ctx: Any, grad_loss: torch.Tensor, _g1: Any, _g2: Any) -> tuple:
     and no second vocab x hidden tensor is made; skipped when ``grad_loss`` is exactly 1 on CPU.
     After an in-place scale the saved values are gone: a second backward through the same graph
     (``retain_graph=True``) raises instead of returning doubly scaled gradients. Traced (fake /
-    functional tensors under AOTAutograd) or ``create_graph=True``: out of place, as before
-    (functionalization would turn an in-place op into the same ``mul`` anyway).
+    functional tensors under AOTAutograd): the functional op :func:`lce_grad_scale` (functionalization
+    would turn an in-place op into an out-of-place one anyway); the backward-stage pass
+    ``inplace_saved_grad_scale`` rewrites it to the in-place :func:`scale_`. ``create_graph=True``
+    (grad mode on): a plain out-of-place multiply, differentiable in ``grad_loss``.
     Values are identical on every path (``x * s`` in the tensor dtype, or ``x`` when ``s == 1``).
     """
     if not ctx.compute_grad:
@@ -294,7 +299,13 @@ def _backward(ctx: Any, grad_loss: torch.Tensor, _g1: Any, _g2: Any) -> tuple:
     grad_h, grad_w = ctx.saved_tensors
     eager = (type(grad_loss) is torch.Tensor and type(grad_w) is torch.Tensor and not torch.is_grad_enabled())
     if not eager:
-        return (grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype),
+        if torch.is_grad_enabled():  # create_graph=True: differentiable in grad_loss
+            return (grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype),
+                    None, None, None, None, None, None, None)
+        # traced: the same multiply as an op of its own, so the backward graph says which saved
+        # tensor it scales (the inplace_saved_grad_scale pass makes it in place)
+        scale = torch.ops.unsloth_fx.lce_grad_scale
+        return (scale(grad_h, grad_loss.to(grad_h.dtype)), scale(grad_w, grad_loss.to(grad_w.dtype)),
                 None, None, None, None, None, None, None)
     if not _is_one_without_sync(grad_loss):
         ctx.scaled_in_place = True
@@ -304,6 +315,38 @@ def _backward(ctx: Any, grad_loss: torch.Tensor, _g1: Any, _g2: Any) -> tuple:
 
 
 _linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("unsloth_fx::lce_grad_scale", mutates_args=())
+def lce_grad_scale(g: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``g * s`` (``s`` 0-d, same dtype): the traced backward's scale of a saved gradient of
+    ``linear_cross_entropy``. Functional, so AOTAutograd keeps it as is; a backward graph where
+    ``g`` is a saved tensor with no other reader gets it replaced by :func:`scale_` (in place) by
+    the ``inplace_saved_grad_scale`` pass."""
+    return g * s
+
+
+@lce_grad_scale.register_fake
+def _(g, s):
+    return torch.empty_like(g)
+
+
+def scale_(x: torch.Tensor, s: torch.Tensor) -> None:
+    """``x *= s`` in place (``s`` 0-d): the same kernel and rounding as ``x * s``."""
+    x.mul_(s)
+
+
+# A mutating op returning nothing, registered like unsloth_fx.fusion's fused_adamw_step_ (low-level
+# Library API, one CompositeExplicitAutograd kernel): Inductor runs it as an extern kernel (the real
+# ``mul_``, which bumps x's version counter), and the verifier lets unsloth_fx ops mutate.
+_LIB = torch.library.Library("unsloth_fx", "FRAGMENT")
+_LIB.define("scale_(Tensor(a!) x, Tensor s) -> ()")
+_LIB.impl("scale_", scale_, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("unsloth_fx::scale_", lib=_LIB)
+def _(x, s):
+    return None
 
 
 def linear_cross_entropy(

@@ -25,7 +25,7 @@ import torch.fx
 from unsloth_fx.pass_base import PassContext, PassSpec, get_pass
 
 DEFAULT_PASSES = ("share_weights", "plan_memory", "chunk_recompute", "offload_activations", "reload_activations",
-                  "fuse_optimizer")
+                  "fuse_optimizer", "inplace_saved_grad_scale")
 DEFAULT_PASSES += ("rewrite_optimizer_step",)  # pre_grad; acts only on a compiled Adam/AdamW step with fuse_optimizer=True
 
 _ITEM_RE = re.compile(r"^([+-]?)([A-Za-z_][A-Za-z0-9_]*)(?:\{(.*)\})?$")
