@@ -160,6 +160,11 @@ class Static:
     # pointwise chains Inductor fuses into their consumers (see inductor_inlined); "eager"
     # (and anything else) materializes every FX node
     lower: str = "eager"
+    # the backward scales the fused LM head's saved gradients in place (the default pipeline's
+    # inplace_saved_grad_scale pass, which runs after plan_memory): each traced
+    # ``lce_grad_scale(saved, s)`` whose saved input has no other reader allocates nothing and is
+    # its input's storage (see _inplace_scaled)
+    inplace_grad_scale: bool = True
 
     @property
     def resident(self) -> int:
@@ -702,6 +707,14 @@ def inductor_inlined(nodes: list[torch.fx.Node], storage: Any, pinned: set[Any])
     return inlined
 
 
+def _inplace_scaled(bw: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
+    """Backward nodes the ``inplace_saved_grad_scale`` pass will turn into an in-place scale of
+    their saved input: {node name: that input (a placeholder)}. The pass's own matcher."""
+    from unsloth_fx.passes.inplace_saved_grad_scale import match
+
+    return {n.name: n.args[0] for n in bw.graph.nodes if match(n)}
+
+
 class _Walker:
     def __init__(self, static: Static, recomputable: set[str]):
         self.tl = Timeline(static=static)
@@ -718,8 +731,11 @@ class _Walker:
         self.alias: dict[str, Any] = {}  # backward placeholder name -> forward storage
         self.inlined_count = 0  # storages not materialized (lower="inductor")
         self.owner: dict[Any, torch.fx.Node] = {}  # storage -> the node that allocated it (names free events)
+        self.inplace: dict[str, torch.fx.Node] = {}  # backward node name -> the saved input it scales in place
 
     def storage(self, n: torch.fx.Node) -> Any:
+        if n.name in self.inplace:
+            return self.storage(self.inplace[n.name])
         if n.op == "placeholder" and n.name in self.alias:
             return self.alias[n.name]
         if not isinstance(n.meta.get("val"), torch.Tensor):
@@ -795,6 +811,13 @@ class _Walker:
                     self.alloc(phase, n, s, "inputs")
                 continue
             s = self.storage(n)
+            if n.name in self.inplace and s in out_stores and s in self.bytes and self.cat.get(s) != "gradients":
+                # an in-place scaled saved tensor that backward returns: from here on it is a gradient
+                # (kept through the optimizer step), no longer a saved activation
+                b, old = self.bytes[s], self.cat[s]
+                self.cat_live[old] -= b
+                self.cat_live["gradients"] = self.cat_live.get("gradients", 0) + b
+                self.cat[s] = "gradients"
             if s is not None and s not in self.bytes and s not in inputs and s not in inl and n.op == "call_function":
                 if phase == "forward":
                     cat = "saved" if s in saved else ("outputs" if s in user_out else "transient")
@@ -843,6 +866,7 @@ class _Walker:
             if a.name not in bw_names and s in self.bytes and s not in user_out:
                 self.free("backward", a, s)
         fused = _fused_updates(fw, bw, self.static) if self.static.fuse_optimizer else None
+        self.inplace = _inplace_scaled(bw) if self.static.inplace_grad_scale else {}
         self.walk(bw, "backward", set(), saved, set(), fused)
         for s in list(self.bytes):
             if self.cat.get(s) != "gradients":
