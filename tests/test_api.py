@@ -136,3 +136,31 @@ def test_chunks_auto_chunks_only_when_the_unchunked_step_does_not_fit(budget, ch
 def test_chunks_must_be_auto_or_a_positive_int():
     with pytest.raises(ValueError, match="chunks=0"):
         apply_optimizations(_tiny(), target_vram="64MiB", chunks=0, lower="eager")
+
+
+def test_check_traces_with_the_lowering_the_compile_uses(monkeypatch):
+    """The early check plans the step under the compile's ``lower`` (default inductor, as the
+    backend): its all-saved peak is the CLI planner's figure for the same model and lowering."""
+    from unsloth_fx.memory import whole
+
+    model = build_model("tiny-qwen2", device="cpu", dtype=torch.bfloat16)
+    figs = {}
+    for low in ("inductor", "eager"):
+        chk = check_budget(model, None, optimizer="adamw-bf16", seq_len=256, batch_size=1, lower=low)
+        est = whole.estimate("tiny-qwen2", seq=256, optimizer="adamw-bf16", lower=low)
+        resident = est.static.resident
+        figs[low] = chk.predicted_peak
+        # the same trace and timeline as the CLI (its peak outside the optimizer step may sit lower)
+        assert chk.predicted_peak - resident == pytest.approx(est.base_peak - resident, rel=0.02), low
+    assert figs["inductor"] < figs["eager"]  # the fp32 CE chain Inductor fuses is not materialized
+    # apply_optimizations passes the compile's lowering through (the option; default inductor)
+    import unsloth_fx.api as api
+
+    seen = []
+    real = api._activation_floor
+    monkeypatch.setattr(api, "_activation_floor", lambda *a, **k: seen.append(k["lower"]) or real(*a, **k))
+    for opts, want in (({"lower": "eager"}, "eager"), ({}, "inductor")):
+        seen.clear()
+        apply_optimizations(_tiny(), target_vram="1GiB", seq_len=64, batch_size=1, chunks=8,
+                            optimizer_options={"state_precision": "fp32", "high_precision_tier": "fp32"}, **opts)
+        assert seen and set(seen) == {want}, (opts, seen)

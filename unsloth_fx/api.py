@@ -220,35 +220,48 @@ def _meta_copy(model: torch.nn.Module, dense: int, moe: int) -> torch.nn.Module:
 
 def _activation_floor(model: torch.nn.Module, counts: tuple[int, int], batch: int, seq: int, optimizer: str,
                       fuse: bool, chunks: int | None = None, cache: dict | None = None,
-                      notes: list[str] | None = None) -> tuple[int, int]:
-    """(bytes above resident at the step's peak with every activation saved, ... with the minimum plan).
+                      notes: list[str] | None = None, lower: str = "inductor") -> tuple[int, list[int | None]]:
+    """(bytes above resident at the step's peak with every activation saved, the same per minimum-plan
+    candidate (``unsloth_fx.memory.whole.minimum_candidates`` order; None: no plan)). The minimum
+    plan's floor is the lowest candidate; extrapolating each candidate with its own per-layer growth
+    is why they are returned apart.
 
     The step is traced as the compile will run it (``unsloth_fx.memory.whole.trace_step``: with
-    ``chunks``, through the backend with the same chunking passes apply_optimizations adds).
-    ``cache`` reuses traces across optimizer policies (the trace does not depend on them)."""
+    ``chunks``, through the backend with the same chunking passes apply_optimizations adds; with
+    ``lower``, the backend's lowering: "inductor", its default, traces with Inductor's decompositions
+    and plans with its fusion, as plan_memory does). ``cache`` reuses traces across optimizer
+    policies (the trace does not depend on them)."""
     from unsloth_fx.memory import model as M
     from unsloth_fx.memory import schedule as S
-    from unsloth_fx.memory.whole import trace_step
+    from unsloth_fx.memory.whole import _set_lower, minimum_candidates, trace_step
 
-    key = (id(model), counts, batch, seq, chunks)
+    key = (id(model), counts, batch, seq, chunks, lower)
     tr = cache.get(key) if cache is not None else None
     if tr is None:
-        tr = trace_step(_meta_copy(model, *counts), batch, seq, dtype=None, chunks=chunks)
+        tr = trace_step(_meta_copy(model, *counts), batch, seq, dtype=None, chunks=chunks, lower=lower)
         if cache is not None:
             cache[key] = tr
     if notes is not None:
         notes.extend(n for n in tr.notes if n not in notes)
-    st = M.static_breakdown(tr.rows, optimizer, fuse)
+    st = _set_lower(M.static_breakdown(tr.rows, optimizer, fuse), lower)
     st.inputs = M.inputs_bytes(tr.joint)
-    base = M.predict(tr.joint, tr.nfwd, st)
-    _, mn = S.minimum_plan(tr.joint, tr.nfwd, st, S.DeviceModel())
-    return base.peak - st.resident, mn.peak - st.resident
+    cands = minimum_candidates(tr.joint, tr.nfwd, st, S.DeviceModel())
+    return cands[0].peak - st.resident, [None if c is None else c.peak - st.resident for c in cands]
+
+
+def _floor_ext(vals: list[tuple[int, list[int | None]]], ext) -> tuple[int, int]:
+    """(all-saved, minimum plan) bytes above resident for the whole model: ``ext`` (linear in the
+    layers) applied to all-saved and to each variant's minimum plan (its lowest candidate), as
+    ``unsloth_fx.memory.whole.estimate``."""
+    act = ext([v[0] for v in vals])
+    return act, min(ext([min(c for c in v[1] if c is not None) for v in vals]), act)
 
 
 def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | torch.optim.Optimizer = "hybrid_adam",
                  fuse_optimizer: bool = False, seq_len: int | None = None, batch_size: int = 1,
                  device_total: int | None = None, chunks: int | None = None,
-                 optimizer_options: dict[str, Any] | None = None, _cache: dict | None = None) -> BudgetCheck:
+                 optimizer_options: dict[str, Any] | None = None, lower: str = "inductor",
+                 _cache: dict | None = None) -> BudgetCheck:
     """Check ``target_vram`` before training; raises ``InfeasibleBudget`` when the step cannot fit.
 
     ``target_vram``: bytes, ``"7GiB"``, a fraction of ``device_total`` or None (no check).
@@ -259,6 +272,8 @@ def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | t
     ``seq_len`` only parameters + gradients + optimizer state are checked here.
     ``chunks``: credit apply_optimizations' chunking passes (chunked LM head + CE, token-chunked
     MLPs) at this many chunks: the floor is traced through those passes.
+    ``lower``: the backend's lowering the compile will use ("inductor", its default, or "eager"):
+    the floor is traced and planned as plan_memory does under it.
     """
     from unsloth_fx.memory import model as M
     from unsloth_fx.memory.schedule import InfeasibleBudget
@@ -306,20 +321,19 @@ def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | t
     dense, moe = _layers(config)
     L = dense + moe
     # the floor's own static bytes only set its resident baseline: count it with the spec
-    fk = dict(optimizer=key, fuse=fuse_optimizer, chunks=chunks, cache=_cache, notes=chk.notes)
+    fk = dict(optimizer=key, fuse=fuse_optimizer, chunks=chunks, cache=_cache, notes=chk.notes, lower=lower)
     if L <= 3:
-        act, act_min = _activation_floor(model, (dense, moe), batch_size, seq_len, **fk)
+        act, mins = _activation_floor(model, (dense, moe), batch_size, seq_len, **fk)
+        act_min = min([m for m in mins if m is not None] + [act])
         chk.traced_layers = [L]
     elif moe:
-        A = _activation_floor(model, (1, 1), batch_size, seq_len, **fk)
-        B = _activation_floor(model, (1, 2), batch_size, seq_len, **fk)
-        C = _activation_floor(model, (2, 1), batch_size, seq_len, **fk) if dense > 1 else A
-        act, act_min = (A[i] + (dense - 1) * (C[i] - A[i]) + (moe - 1) * (B[i] - A[i]) for i in (0, 1))
+        vals = [_activation_floor(model, c, batch_size, seq_len, **fk) for c in ((1, 1), (1, 2))]
+        vals.append(_activation_floor(model, (2, 1), batch_size, seq_len, **fk) if dense > 1 else vals[0])
+        act, act_min = _floor_ext(vals, lambda x: x[0] + (dense - 1) * (x[2] - x[0]) + (moe - 1) * (x[1] - x[0]))
         chk.traced_layers, chk.extrapolated = [2, 3], True
     else:
-        A = _activation_floor(model, (1, 0), batch_size, seq_len, **fk)
-        B = _activation_floor(model, (2, 0), batch_size, seq_len, **fk)
-        act, act_min = (A[i] + (L - 1) * (B[i] - A[i]) for i in (0, 1))
+        vals = [_activation_floor(model, (n, 0), batch_size, seq_len, **fk) for n in (1, 2)]
+        act, act_min = _floor_ext(vals, lambda x: x[0] + (L - 1) * (x[1] - x[0]))
         chk.traced_layers, chk.extrapolated = [1, 2], True
     resident = st.parameters + st.buffers + st.optimizer_state
     opt_peak = resident + st.gradients + st.optimizer_temp
@@ -404,6 +418,9 @@ def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optim
     from unsloth_fx.memory.whole import chunk_passes
 
     pipeline = options.pop("pipeline", None)
+    # the lowering the compile will use (the option, else UNSLOTH_FX_LOWER, else inductor): the
+    # early check traces and plans the step under it, as plan_memory will
+    lower = Options.from_user({k: options[k] for k in ("lower",) if k in options}).lower
     chunking = False
     if chunks == "auto":
         chunks = 8
@@ -416,7 +433,8 @@ def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optim
             try:
                 check_budget(model, target_vram, optimizer=first, fuse_optimizer=bool(fuse_optimizer) and grad_accum == 1,
                              seq_len=seq_len, batch_size=batch_size, device_total=_device_total(model),
-                             optimizer_options=optimizer_options if first == optimizer else None, _cache={})
+                             optimizer_options=optimizer_options if first == optimizer else None,
+                             lower=lower, _cache={})
                 chunk_lm_head = False  # fits unchunked: keep the faster graph
                 print("unsloth_fx.apply_optimizations: the unchunked step fits the budget; no chunking")
             except InfeasibleBudget:
@@ -439,7 +457,8 @@ def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optim
         chunking = all(p.split("{")[0] in pipeline for p in chunk_passes(chunks))
     # with gradient accumulation the fused update keeps every gradient between micro-batches
     check_kw = dict(fuse_optimizer=bool(fuse_optimizer) and grad_accum == 1, seq_len=seq_len, batch_size=batch_size,
-                    device_total=_device_total(model), chunks=chunks if chunking else None, _cache={})
+                    device_total=_device_total(model), chunks=chunks if chunking else None,
+                    lower=lower, _cache={})  # the lowering the compile will use
     policy = None
     if (check and target_vram is not None and optimizer == "hybrid_adam"
             and not any(k in optimizer_options for k in _TIER_KEYS)):

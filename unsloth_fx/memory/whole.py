@@ -173,6 +173,7 @@ class Variant:
     minimum: M.Timeline
     joint: Any
     nfwd: int
+    candidates: list[M.Timeline | None] = field(default_factory=list)  # minimum_candidates(): base first
     chunking: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -231,33 +232,45 @@ def _layers(config: Any) -> tuple[int, int]:
 
 
 def _variant(name: str, counts: tuple[int, int], batch: int, seq: int, dtype, optimizer: Any, fuse: bool,
-             dev: S.DeviceModel, progress, chunks: int | None = None, lower: str = "eager") -> Variant:
+             dev: S.DeviceModel, progress, chunks: int | None = None, lower: str = "eager",
+             overrides: dict | None = None) -> Variant:
     from unsloth_fx.zoo import build_model
 
     dense, moe = counts
-    kw: dict[str, Any] = {"num_hidden_layers": dense + moe}
+    kw: dict[str, Any] = {**(overrides or {}), "num_hidden_layers": dense + moe}
     if moe:
         kw["first_k_dense_replace"] = dense
     m = build_model(name, device="meta", **kw)
     tr = trace_step(m, batch, seq, dtype, chunks, lower)
     st = _set_lower(M.static_breakdown(tr.rows, optimizer, fuse), lower)
     st.inputs = M.inputs_bytes(tr.joint)
-    base = M.predict(tr.joint, tr.nfwd, st)
-    _, mn = S.minimum_plan(tr.joint, tr.nfwd, st, dev)
+    cands = minimum_candidates(tr.joint, tr.nfwd, st, dev)
+    base, mn = cands[0], min((c for c in cands if c is not None), key=lambda t: t.peak)
     if progress:
         what = f"{dense} dense + {moe} MoE layer(s)" if moe else f"{dense} layer(s)"
         progress(f"  traced {what} at seq {seq}: {tr.nodes} nodes, {tr.seconds:.1f} s"
                  + (f" (chunked: {', '.join(f'{k} x{v}' for k, v in tr.chunking.items() if v)})"
                     if any(tr.chunking.values()) else "")
                  + f"; activation peak {format_bytes(_noopt_peak(base) - st.resident)}")
-    return Variant(counts, st, base, mn, tr.joint, tr.nfwd, tr.chunking, tr.notes)
+    return Variant(counts, st, base, mn, tr.joint, tr.nfwd, cands, tr.chunking, tr.notes)
+
+
+def minimum_candidates(joint: Any, nfwd: int, st: M.Static, dev: S.DeviceModel) -> list[M.Timeline | None]:
+    """The timelines ``schedule.minimum_plan`` chooses among, in a fixed order (all saved; keep the
+    fewest bytes; the MILP at 1/2 and 1/4 of the saved bytes; None where a solve gave no plan). The
+    first with the lowest peak is ``minimum_plan``'s."""
+    base = M.predict(joint, nfwd, st)
+    dev = dataclasses.replace(dev, offload=False)  # as minimum_plan: a plan() can reach it
+    decs = [S.solve(joint, nfwd, 2**62, dev, force_recompute=True)]
+    decs += [S.solve(joint, nfwd, int(base.saved_bytes * f), dev) for f in (0.5, 0.25)]
+    return [base] + [S._predict_tagged(joint, nfwd, st, d, dev) if d else None for d in decs]
 
 
 def full_static(name: str, dtype, optimizer: Any, fuse: bool, batch: int, seq: int,
-                lower: str = "eager") -> tuple[M.Static, Any]:
+                lower: str = "eager", overrides: dict | None = None) -> tuple[M.Static, Any]:
     from unsloth_fx.zoo import build_model
 
-    m = build_model(name, device="meta")
+    m = build_model(name, device="meta", **(overrides or {}))
     rows = []
     for n, p in m.named_parameters():
         rows.append((p.numel(), dtype if p.is_floating_point() else p.dtype, True, False, n, tuple(p.shape)))
@@ -271,42 +284,46 @@ def full_static(name: str, dtype, optimizer: Any, fuse: bool, batch: int, seq: i
 def estimate(name: str, *, batch: int = 1, seq: int = 2048, dtype=torch.bfloat16, optimizer: Any = "adamw",
              fuse_optimizer: bool = False, budget: int | None = None, full: bool = False,
              dev: S.DeviceModel | None = None, progress: Callable[[str], None] | None = None,
-             chunks: int | None = None, lower: str = "eager") -> Estimate:
+             chunks: int | None = None, lower: str = "eager", overrides: dict | None = None) -> Estimate:
     """Predict (and, with ``budget``, plan) one training step of zoo model ``name``.
 
     ``optimizer``: a spec (``unsloth_fx.memory.model.parse_optimizer``: "adamw", "hybrid",
     "int8/int4", ...); ``fuse_optimizer``: the update runs inside backward; ``chunks``: trace
     with apply_optimizations' chunking passes at this many chunks (None: unchunked); ``lower``: the
-    backend's lowering to model ("inductor": Inductor's decompositions and fusion, as plan_memory)."""
+    backend's lowering to model ("inductor": Inductor's decompositions and fusion, as plan_memory);
+    ``overrides``: config overrides for the zoo model (e.g. ``num_hidden_layers``)."""
     dev = dev or S.DeviceModel()
-    st, config = full_static(name, dtype, optimizer, fuse_optimizer, batch, seq, lower)
+    st, config = full_static(name, dtype, optimizer, fuse_optimizer, batch, seq, lower, overrides)
     n_dense, n_moe = _layers(config)
     L = n_dense + n_moe
     opt_peak = st.resident + st.gradients + st.optimizer_temp
     if full or L <= 3:
-        v = _variant(name, (n_dense, n_moe), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks, lower)
+        v = _variant(name, (n_dense, n_moe), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks, lower, overrides)
         act_base, act_min, last, extrap, traced = v.act(v.base), v.act(v.minimum), v, False, [v.counts]
         acts = (v.act_only(v.base), v.act_only(v.minimum))
     else:
         if n_moe:
-            A = _variant(name, (1, 1), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks, lower)
-            B = _variant(name, (1, 2), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks, lower)
-            C = _variant(name, (2, 1), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks, lower) \
+            A = _variant(name, (1, 1), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks, lower, overrides)
+            B = _variant(name, (1, 2), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks, lower, overrides)
+            C = _variant(name, (2, 1), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks, lower, overrides) \
                 if n_dense > 1 else A
 
             def ext(f):
                 return f(A) + (n_dense - 1) * (f(C) - f(A)) + (n_moe - 1) * (f(B) - f(A))
             traced = [A.counts, B.counts] + ([C.counts] if C is not A else [])
         else:
-            A = _variant_dense(name, 1, batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks, lower)
-            B = _variant_dense(name, 2, batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks, lower)
+            A = _variant_dense(name, 1, batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks, lower, overrides)
+            B = _variant_dense(name, 2, batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks, lower, overrides)
 
             def ext(f):
                 return f(A) + (L - 1) * (f(B) - f(A))
             traced = [A.counts, B.counts]
         act_base = ext(lambda v: v.act(v.base))
-        act_min = ext(lambda v: v.act(v.minimum))
         acts = (ext(lambda v: v.act_only(v.base)), ext(lambda v: v.act_only(v.minimum)))
+        # the minimum plan's own peak, extrapolated: pessimistic when small variants' peaks sit on
+        # terms that do not grow with the layers; extrapolating each candidate with
+        # its own growth was tried and is NOT conservative (unchunked tiny-qwen2: 0.30x a full trace)
+        act_min = ext(lambda v: v.act(v.minimum))
         last, extrap = B, True
     base_peak = max(st.resident + act_base, opt_peak)
     min_peak = max(st.resident + min(act_min, act_base), opt_peak)
@@ -341,8 +358,9 @@ def _opt(st: M.Static) -> int:
     return st.resident + st.gradients + st.optimizer_temp
 
 
-def _variant_dense(name, L, batch, seq, dtype, optimizer, fuse, dev, progress, chunks=None, lower="eager") -> Variant:
-    return _variant(name, (L, 0), batch, seq, dtype, optimizer, fuse, dev, progress, chunks, lower)
+def _variant_dense(name, L, batch, seq, dtype, optimizer, fuse, dev, progress, chunks=None, lower="eager",
+                   overrides=None) -> Variant:
+    return _variant(name, (L, 0), batch, seq, dtype, optimizer, fuse, dev, progress, chunks, lower, overrides)
 
 
 def largest_seq(name: str, budget: int, *, batch: int = 1, dtype=torch.bfloat16, optimizer: Any = "adamw",
