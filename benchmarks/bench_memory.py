@@ -177,10 +177,6 @@ def run_cell(model: str, seq: int, budget: int | None, mode: str, device: str, l
                 opts["memory_budget"] = budget
             f = torch.compile(m, backend="unsloth", options=opts)
         else:
-            if mode == "torch-budget":
-                import torch._functorch.config as fc  # stock torch's knob: set it as a user would
-
-                fc.activation_memory_budget = out["amb"]
             f = torch.compile(m) if cuda else torch.compile(m, backend="aot_eager")
     ids = torch.randint(0, m.config.vocab_size, (1, seq), device=device)
 
@@ -195,6 +191,13 @@ def run_cell(model: str, seq: int, budget: int | None, mode: str, device: str, l
         if cuda:
             torch.cuda.synchronize()
 
+    amb_before = None
+    if mode == "torch-budget":
+        import torch._functorch.config as fc  # stock torch's knob: set it as a user would
+
+        # Process-wide and read by the lazy compile (the first step), so it stays set through the steps and is
+        # put back when the cell ends (finally below): a caller running cells in its process keeps its own.
+        amb_before, fc.activation_memory_budget = fc.activation_memory_budget, out["amb"]
     try:
         if cuda:
             sync()
@@ -228,6 +231,9 @@ def run_cell(model: str, seq: int, budget: int | None, mode: str, device: str, l
         else:
             oom = type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
             out["error"] = ("OOM: " if oom else "") + f"{type(e).__name__}: {str(e)[:400]}"
+    finally:
+        if amb_before is not None:
+            fc.activation_memory_budget = amb_before
     ctx = backend.LAST.get("ctx")
     stats = ctx.stats.get("joint", {}).get("plan_memory", {}) if ctx is not None else {}
     if stats:

@@ -111,6 +111,27 @@ def test_a_refused_cell_is_recorded_with_the_planners_message(bm):
     assert "| ours-apply | 32 | 0.00 | - | - | - | - | - | - | - | refused at check: target_vram=64.00 KiB" in md
 
 
+def test_a_torch_budget_cell_sets_torchs_knob_for_its_compile_and_puts_it_back(bm, monkeypatch):
+    # in-process (as here), a leaked activation_memory_budget would reach every later compile of the process
+    import torch
+    import torch._functorch.config as fc
+    import torch._functorch.partitioners as partitioners
+
+    seen, choose = [], partitioners.choose_saved_values_set
+
+    def spy(joint_graph, node_info, memory_budget=1):
+        seen.append(memory_budget)
+        return choose(joint_graph, node_info, memory_budget=memory_budget)
+
+    monkeypatch.setattr(partitioners, "choose_saved_values_set", spy)
+    torch._dynamo.reset()  # a fresh compile, not a cached one
+    with fc.patch(activation_memory_budget=0.9):  # the caller's own value, not torch's default
+        r = bm.run_cell("tiny-qwen2", 16, None, "torch-budget", "cpu", "eager", 1, amb=0.3)
+        assert fc.activation_memory_budget == 0.9
+    assert "error" not in r and r["tokens_per_s"] > 0, r
+    assert seen and set(seen) == {0.3}  # the lazy compile (first step) ran under the cell's budget
+
+
 def test_refusal_is_found_through_dynamos_wrapping(bm):
     from unsloth_fx.memory.schedule import InfeasibleBudget
 

@@ -56,6 +56,28 @@ def test_worker_records_oom_and_crash_with_the_last_error_line(tmp_path, monkeyp
     assert rec == {"status": "crash", "error": "RuntimeError: the real reason"}
 
 
+def test_an_amb_variant_in_process_sets_torchs_knob_for_its_compile_and_puts_it_back(monkeypatch):
+    # in-process (as here), a leaked activation_memory_budget would reach every later compile of the process
+    import torch._functorch.config as fc
+    import torch._functorch.partitioners as partitioners
+
+    seen, choose = [], partitioners.choose_saved_values_set
+
+    def spy(joint_graph, node_info, memory_budget=1):
+        seen.append(memory_budget)
+        return choose(joint_graph, node_info, memory_budget=memory_budget)
+
+    monkeypatch.setattr(partitioners, "choose_saved_values_set", spy)
+    torch._dynamo.reset()  # a fresh compile, not a cached one
+    cfg = {"model": "tiny-qwen2", "variant": "compile-bf16-amb0.3", "steps": 1, "seq": 8, "batch": 1, "lr": 1e-3,
+           "smoke": True}
+    with fc.patch(activation_memory_budget=0.9):  # the caller's own value, not torch's default
+        rec = bench.run_variant(cfg)
+        assert fc.activation_memory_budget == 0.9
+    assert rec["status"] == "ok" and len(rec["losses"]) == 1, rec
+    assert seen and set(seen) == {0.3}  # the lazy compile (step 0) ran under the variant's budget
+
+
 def test_bad_variant_and_gpu_requirement(capsys):
     assert bench.main(["--variants", "nope"]) == 2
     assert "unknown variant" in capsys.readouterr().err

@@ -95,6 +95,18 @@ def timed_section():
 
 def run_variant(cfg: dict[str, Any]) -> dict[str, Any]:
     """Train one variant in this process; returns its record (raises on OOM / errors)."""
+    import torch._functorch.config as fc
+
+    # The amb variants set torch's process-wide activation_memory_budget; the lazy compile reads it at step 0, so
+    # it stays set through the steps and is put back afterwards: a caller running variants in its process keeps its own.
+    amb_before = fc.activation_memory_budget
+    try:
+        return _run_variant(cfg)
+    finally:
+        fc.activation_memory_budget = amb_before
+
+
+def _run_variant(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from unsloth_fx.data import byte_tokens, lm_batches, stdlib_corpus
