@@ -15,34 +15,23 @@ from torch.testing import FileCheck
 import unsloth_fx.backend as backend
 from unsloth_fx.pass_base import PassResult, graph_pass, ufx
 from unsloth_fx.pipeline import PassFailure
-from unsloth_fx.zoo import build_model
+
+from _support import loss_and_grads, twin_models
 
 TINY = ["tiny-qwen2", "tiny-llama", "tiny-deepseek-v3"]
 
 
 def _pair(name):
-    torch.manual_seed(0)
-    ref = build_model(name, device="cpu", dtype=torch.float32)
-    ours = build_model(name, device="cpu", dtype=torch.float32)
-    ours.load_state_dict(ref.state_dict())
-    ref.config.use_cache = ours.config.use_cache = False
+    ref, ours = twin_models(name)
     ids = torch.randint(0, ref.config.vocab_size, (2, 24))
     return ref, ours, ids
-
-
-def _loss_and_grads(model, ids):
-    model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    plain = getattr(model, "_orig_mod", model)  # a compiled module wraps the original
-    return loss.detach(), {n: p.grad.detach().clone() for n, p in plain.named_parameters() if p.grad is not None}
 
 
 def _assert_same_training_step(name, options, atol=2e-5, rtol=2e-4):
     ref, ours, ids = _pair(name)
     compiled = torch.compile(ours, backend="unsloth", options=options)
-    l_ref, g_ref = _loss_and_grads(ref, ids)
-    l_ours, g_ours = _loss_and_grads(compiled, ids)
+    l_ref, g_ref = loss_and_grads(ref, ids)
+    l_ours, g_ours = loss_and_grads(compiled, ids)
     torch.testing.assert_close(l_ours, l_ref, atol=atol, rtol=rtol)
     assert g_ours.keys() == g_ref.keys() and len(g_ref) == len(list(ref.parameters()))
     for k in g_ref:
@@ -66,8 +55,8 @@ def test_negative_control_a_different_model_fails_the_comparison():
     ref, ours, ids = _pair("tiny-qwen2")
     with torch.no_grad():
         next(ours.parameters()).add_(1e-2)
-    l_ref, _ = _loss_and_grads(ref, ids)
-    l_ours, _ = _loss_and_grads(torch.compile(ours, backend="unsloth", options={"lower": "eager"}), ids)
+    l_ref, _ = loss_and_grads(ref, ids)
+    l_ours, _ = loss_and_grads(torch.compile(ours, backend="unsloth", options={"lower": "eager"}), ids)
     with pytest.raises(AssertionError):
         torch.testing.assert_close(l_ours, l_ref, atol=2e-5, rtol=2e-4)
 

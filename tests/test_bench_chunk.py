@@ -1,7 +1,6 @@
 """benchmarks/bench_chunk.py: the recompute floor arithmetic, the largest-fit search (probe counts, on a
 fake probe), and (slow) the CPU smoke run covering every variant on tiny-qwen2 and tiny-deepseek-v3."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,15 +8,14 @@ import sys
 
 import pytest
 
+from _support import load_script
+
 BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_chunk.py")
 
 
 @pytest.fixture(scope="module")
 def bc():
-    spec = importlib.util.spec_from_file_location("bench_chunk", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(BENCH, "bench_chunk")
 
 
 def test_flop_floor_by_hand_for_tiny_qwen2(bc):

@@ -2,11 +2,12 @@
 torch cell, the grid and its time estimate, a refused cell recorded with the planner's message, and
 (slow) the CPU smoke run of every mode in subprocesses."""
 
-import importlib.util
 import json
 import pathlib
 
 import pytest
+
+from _support import load_script
 
 GiB = 2**30
 PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py"
@@ -14,10 +15,7 @@ PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memor
 
 @pytest.fixture(scope="module")
 def bm():
-    spec = importlib.util.spec_from_file_location("_ufx_bench_memory", PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(PATH, "_ufx_bench_memory")
 
 
 def _torch(seq, peak, tps, mode="torch-budget", amb=0.1):

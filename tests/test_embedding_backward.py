@@ -7,13 +7,9 @@ backend's Inductor table (``backend.decompositions("inductor")``) and the planne
 op to it; the memory model sizes its ``[tokens, hidden]`` workspace.
 """
 
-import weakref
-
 import pytest
 import torch
 from torch._decomp.decompositions import embedding_dense_backward as decomposed
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import unsloth_fx.backend as backend
 from unsloth_fx import _compat
@@ -21,6 +17,8 @@ from unsloth_fx.memory import model as M
 from unsloth_fx.memory.trace import trace_function
 from unsloth_fx.runtime import embedding_backward as eb
 from unsloth_fx.zoo import build_model
+
+from _support import PeakAllocations, loss_and_grads
 
 OP = torch.ops.unsloth_fx.embedding_dense_backward.default
 ATEN = torch.ops.aten.embedding_dense_backward.default
@@ -75,34 +73,12 @@ def test_torch_cpu_kernel_is_the_wrong_reference_in_bf16():
     assert err_aten > 4 * err_ours
 
 
-class _Peak(TorchDispatchMode):
-    """Most bytes of fresh storages alive at once (512-byte blocks), and the fp32 shapes allocated."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.peak, self.fp32_shapes = [], 0, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        ins = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
-        for o in tree_leaves(out):
-            if isinstance(o, torch.Tensor):
-                st = o.untyped_storage()
-                if st.data_ptr() not in ins and st.nbytes() and all(r() is not st for r, _ in self.live):
-                    self.live.append((weakref.ref(st), -(-st.nbytes() // 512) * 512))
-                    if o.dtype == torch.float32:
-                        self.fp32_shapes.append(tuple(o.shape))
-        self.live = [e for e in self.live if e[0]() is not None]
-        self.peak = max(self.peak, sum(n for _, n in self.live))
-        return out
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scale", [False, True])
 @pytest.mark.parametrize("V,H,T", [(5000, 64, 512), (100, 256, 512)])
 def test_workspace_bytes_bounds_what_the_kernel_allocates(dtype, scale, V, H, T):
     grad, idx = _case(V, H, (T,), dtype)
-    tr = _Peak()
+    tr = PeakAllocations()
     with tr:
         out = eb._impl(grad, idx, V, -1, scale)
     beyond_output = tr.peak - -(-out.untyped_storage().nbytes() // 512) * 512
@@ -173,15 +149,6 @@ def test_model_sizes_torch_cuda_kernel_workspace_for_the_aten_op():
     assert M._workspace(node) == 1536 + 6 * 512
 
 
-def _step(model, ids):
-    model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    plain = getattr(model, "_orig_mod", model)
-    return loss.detach().float(), {n: p.grad.detach().float().clone() for n, p in plain.named_parameters()
-                                   if p.grad is not None}
-
-
 def _decomposed_backend(table):
     """AOTAutograd with ``table``, graphs run eagerly: the traced path without Inductor's codegen."""
     return _compat.aot_autograd(fw_compiler=lambda g, _i: _compat.make_boxed(g),
@@ -200,11 +167,13 @@ def test_training_step_with_the_routed_op_matches_the_decomposed_path_and_eager(
     ids = torch.randint(0, models[0].config.vocab_size, (2, 24))
     ids[0, :4] = 7  # repeated ids: the per-id sums matter
     torch._dynamo.reset()
-    l_new, g_new = _step(torch.compile(models[0], backend=_decomposed_backend(backend.decompositions("inductor"))), ids)
+    new = torch.compile(models[0], backend=_decomposed_backend(backend.decompositions("inductor")))
+    l_new, g_new = loss_and_grads(new, ids)
     torch._dynamo.reset()
-    l_old, g_old = _step(torch.compile(models[1], backend=_decomposed_backend(_compat.inductor_decompositions())), ids)
+    old = torch.compile(models[1], backend=_decomposed_backend(_compat.inductor_decompositions()))
+    l_old, g_old = loss_and_grads(old, ids)
     torch._dynamo.reset()
-    l_eager, g_eager = _step(models[2], ids)
+    l_eager, g_eager = loss_and_grads(models[2], ids)
     emb = "model.embed_tokens.weight"
     tol = dict(atol=2e-5, rtol=2e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(l_new, l_old, atol=0, rtol=0)  # the forward is untouched
@@ -225,8 +194,8 @@ def test_inductor_lowers_the_op_as_an_extern_call_and_matches_eager():
     ref.config.use_cache = ours.config.use_cache = False
     ids = torch.randint(0, 512, (2, 24))
     torch._dynamo.reset()
-    l_ours, g_ours = _step(torch.compile(ours, backend="unsloth", options={"lower": "inductor"}), ids)
-    l_ref, g_ref = _step(ref, ids)
+    l_ours, g_ours = loss_and_grads(torch.compile(ours, backend="unsloth", options={"lower": "inductor"}), ids)
+    l_ref, g_ref = loss_and_grads(ref, ids)
     assert any(n.target is OP for n in backend.LAST["backward"].graph.nodes)
     torch.testing.assert_close(l_ours, l_ref, atol=2e-5, rtol=2e-4)
     for k in g_ref:

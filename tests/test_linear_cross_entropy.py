@@ -22,7 +22,8 @@ from unsloth_fx.options import Options
 from unsloth_fx.pass_base import PassContext, get_pass, ufx
 from unsloth_fx.passes.chunk_recompute import planned_chunks
 from unsloth_fx.runtime.linear_cross_entropy import causal_lm_loss, linear_cross_entropy, patch_causal_lm
-from unsloth_fx.zoo import build_model
+
+from _support import twin_models
 
 OP = torch.ops.unsloth_fx.linear_cross_entropy.default
 PIPE = "default,+fuse_linear_cross_entropy{chunks=3}"
@@ -138,12 +139,7 @@ def test_planned_chunks_prefers_the_memory_plan():
 # --- the pass, end to end through the backend -------------------------------------------------
 
 def _pair(name, dtype=torch.float32, seq=13):
-    torch.manual_seed(0)
-    ref = build_model(name, device="cpu", dtype=dtype)
-    ours = build_model(name, device="cpu", dtype=dtype)
-    ours.load_state_dict(ref.state_dict())
-    ref.config.use_cache = ours.config.use_cache = False
-    ref.train(), ours.train()
+    ref, ours = twin_models(name, dtype)
     ids = torch.randint(0, ref.config.vocab_size, (2, seq))
     labels = ids.clone()
     labels[0, :5] = -100

@@ -7,18 +7,15 @@ per-chunk rounding (bitwise equal for an fp32 weight). ``workspace_bytes`` bound
 allocates, and the memory model charges exactly it at the op.
 """
 
-import weakref
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import unsloth_fx.backend as backend
 from unsloth_fx.memory import model as M
 from unsloth_fx.memory.trace import trace_function
 from unsloth_fx.runtime import linear_cross_entropy as lce
-from unsloth_fx.zoo import build_model
+
+from _support import PeakAllocations, loss_and_grads, twin_models
 
 OP = torch.ops.unsloth_fx.linear_cross_entropy.default
 MODES = ("fp32", "weight_dtype")
@@ -63,31 +60,9 @@ def test_unknown_mode_is_refused_with_the_choices():
         OP(h, w, y, -100, 2, 0, "mean", True, "bf16")
 
 
-class _Tracker(TorchDispatchMode):
-    """Most bytes of fresh storages alive at once (512-byte blocks), and every fresh fp32 shape."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.peak, self.fp32_shapes = [], 0, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        ins = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
-        for o in tree_leaves(out):
-            if isinstance(o, torch.Tensor):
-                st = o.untyped_storage()
-                if st.data_ptr() not in ins and st.nbytes() and all(r() is not st for r, _ in self.live):
-                    self.live.append((weakref.ref(st), -(-st.nbytes() // 512) * 512))
-                    if o.dtype == torch.float32:
-                        self.fp32_shapes.append(tuple(o.shape))
-        self.live = [e for e in self.live if e[0]() is not None]
-        self.peak = max(self.peak, sum(n for _, n in self.live))
-        return out
-
-
 def _run(dtype, mode, T=256, H=64, V=1000, chunks=4):
     h, w, y = _inputs(T, H, V, dtype)
-    tr = _Tracker()
+    tr = PeakAllocations()
     with torch.no_grad(), tr:
         out = lce._forward_impl(h, w, y, -100, chunks, 0, "mean", True, mode)
     del out
@@ -144,37 +119,19 @@ def test_memory_model_charges_the_op_at_its_node_by_hand(mode):
     assert tl.peak == ws and tl.peak_by_category["workspace"] == ws
 
 
-def _pair(name, dtype):
-    torch.manual_seed(0)
-    ref = build_model(name, device="cpu", dtype=dtype)
-    ours = build_model(name, device="cpu", dtype=dtype)
-    ours.load_state_dict(ref.state_dict())
-    ref.config.use_cache = ours.config.use_cache = False
-    ref.train(), ours.train()
-    ids = torch.randint(0, ref.config.vocab_size, (2, 24))
-    return ref, ours, ids
-
-
-def _step(model, ids):
-    model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    plain = getattr(model, "_orig_mod", model)
-    return loss.detach(), {n: p.grad.detach().float().clone() for n, p in plain.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-deepseek-v3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", MODES)
 def test_training_step_in_each_mode_matches_hf(name, dtype, mode):
     from unsloth_fx.runtime.linear_cross_entropy import patch_causal_lm
 
-    ref, ours, ids = _pair(name, dtype)
+    ref, ours = twin_models(name, dtype)
+    ids = torch.randint(0, ref.config.vocab_size, (2, 24))
     patch_causal_lm(ours)
     torch._dynamo.reset()
     pipe = f"default,+fuse_linear_cross_entropy{{chunks=3,grad_weight_accum={mode}}}"
-    out, g = _step(torch.compile(ours, backend="unsloth", options={"lower": "eager", "pipeline": pipe}), ids)
-    ref_out, g_ref = _step(ref, ids)
+    out, g = loss_and_grads(torch.compile(ours, backend="unsloth", options={"lower": "eager", "pipeline": pipe}), ids)
+    ref_out, g_ref = loss_and_grads(ref, ids)
     stats = backend.LAST["ctx"].stats["pre_grad"]["fuse_linear_cross_entropy"]
     assert stats["fused"] == 1 and stats["grad_weight_accum"] == mode
     tol = dict(atol=2e-5, rtol=2e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=5e-2)

@@ -218,6 +218,23 @@ def _end_step(b: Binding) -> None:
 # the op the backward graph calls
 # --------------------------------------------------------------------------
 
+def _accumulate(b: Binding, slot: int, p: Tensor, grad: Tensor) -> Tensor | None:
+    """One micro-batch of ``b.accumulation_steps`` (> 1) for parameter ``p`` at ``slot``: None
+    before the last micro-batch (the gradient is kept in ``p.grad``), else the summed gradient
+    to apply (``p.grad`` is cleared)."""
+    n = b.micro.get(slot, 0) + 1
+    if n < b.accumulation_steps:
+        b.micro[slot] = n
+        # what autograd's AccumulateGrad does: keep the first gradient, add the rest
+        p.grad = grad.detach().clone() if p.grad is None else p.grad.add_(grad)
+        return None
+    b.micro[slot] = 0
+    if p.grad is not None:
+        grad = p.grad.add_(grad)
+        p.grad = None
+    return grad
+
+
 def fused_adamw_step_(param: Tensor, grad: Tensor, name: str, slot: int, after: list[Tensor]) -> None:
     """Update parameter ``slot`` (``name`` is for people reading the graph) with
     ``grad`` through its bound optimizer, in place; see the module doc.
@@ -238,16 +255,9 @@ def fused_adamw_step_(param: Tensor, grad: Tensor, name: str, slot: int, after: 
     if not p.requires_grad:
         return  # frozen after compiling: never updated (Dynamo also recompiles on the change)
     if b.accumulation_steps > 1:
-        n = b.micro.get(slot, 0) + 1
-        if n < b.accumulation_steps:
-            b.micro[slot] = n
-            # what autograd's AccumulateGrad does: keep the first gradient, add the rest
-            p.grad = grad.detach().clone() if p.grad is None else p.grad.add_(grad)
+        grad = _accumulate(b, slot, p, grad)
+        if grad is None:
             return
-        b.micro[slot] = 0
-        if p.grad is not None:
-            grad = p.grad.add_(grad)
-            p.grad = None
     with torch.no_grad():
         # one read of the gradient, accumulated in fp32 without an fp32 copy; the optimizer's
         # non-finite check reuses it (unclipped gradient: clipping cannot make it finite)
@@ -320,16 +330,9 @@ def fused_adamw_steps_(params: list[Tensor], grads: list[Tensor], names: list[st
         if not p.requires_grad:
             continue  # frozen after compiling: never updated (Dynamo also recompiles on the change)
         if accum > 1:
-            n = b.micro.get(s, 0) + 1
-            if n < accum:
-                b.micro[s] = n
-                # what autograd's AccumulateGrad does: keep the first gradient, add the rest
-                p.grad = grad.detach().clone() if p.grad is None else p.grad.add_(grad)
+            grad = _accumulate(b, s, p, grad)
+            if grad is None:
                 continue
-            b.micro[s] = 0
-            if p.grad is not None:
-                grad = p.grad.add_(grad)
-                p.grad = None
         ps.append(p)
         gs.append(grad.detach())
     if not ps:
