@@ -9,6 +9,14 @@ peak changes nothing. Values the plan offloads to host are tagged MUST_SAVE with
 partitioning. The plan object is left in ``ctx.shared["memory_plan"]`` for
 chunk_recompute and reload_activations, and the schedule files in ``ctx.artifacts``.
 
+The static model credits only what the compile's pipeline (``ctx.options.pipeline``, the string the
+backend parsed) will run after this pass: the fused optimizer update when ``fuse_optimizer=True`` and
+the pipeline has the ``fuse_optimizer`` pass, with that pass's ``group_bytes`` (the bytes of gradients
+a group keeps waiting for its update); the in-place scale of the fused LM head's saved gradients when
+it has the ``inplace_saved_grad_scale`` pass. The Static used is left in
+``ctx.shared["memory_static"]``, and its ``fuse_optimizer`` / ``fuse_group_bytes`` (bytes; None when
+not fused) / ``inplace_grad_scale`` are in the stats.
+
 Options: ``optimizer``, ``keep_outputs``, ``offload`` (let the solver offload),
 ``h2d_gbps`` / ``d2h_gbps`` (host link, GB/s = 1e9 bytes/s each way),
 ``force_offload`` (node names joined by ``+``, or ``all``: offload these
@@ -37,6 +45,19 @@ def _device_total(ctx: PassContext) -> int | None:
     return None
 
 
+def _pipeline_credits(ctx: PassContext) -> tuple[bool, int | None, bool]:
+    """(fuse_optimizer, its group_bytes or None when not fused, inplace_grad_scale) as the compile's
+    pipeline will run them: a pass the pipeline omits is not credited, and ``fuse_optimizer{group_bytes=N}``
+    sizes the pending-gradient groups (the pass's default when not given)."""
+    from unsloth_fx.pipeline import Pipeline
+
+    passes = {spec.name: {**spec.options, **opts}
+              for spec, opts in Pipeline.parse(str(getattr(ctx.options, "pipeline", "default"))).passes()}
+    fuse = bool(getattr(ctx.options, "fuse_optimizer", False)) and "fuse_optimizer" in passes
+    group_bytes = int(passes["fuse_optimizer"]["group_bytes"]) if fuse else None
+    return fuse, group_bytes, "inplace_saved_grad_scale" in passes
+
+
 @graph_pass(name="plan_memory", stage="joint", options={"optimizer": "adamw", "keep_outputs": False, "offload": True,
                                                        "h2d_gbps": 25.0, "d2h_gbps": 25.0, "force_offload": "",
                                                        "workspace_reserve": -1})
@@ -46,8 +67,10 @@ def plan_memory(gm: torch.fx.GraphModule, ctx: PassContext, optimizer: str = "ad
     """Predict the step's memory timeline; with a memory_budget, choose save/recompute/offload per activation."""
     budget = ctx.options.resolve_budget(_device_total(ctx))
     nfwd = ctx.num_fwd_outputs or 1
-    static = M.static_from_graph(gm, optimizer, bool(getattr(ctx.options, "fuse_optimizer", False)), ctx.params,
-                                 lower=str(getattr(ctx.options, "lower", "eager")))
+    fuse, group_bytes, inplace = _pipeline_credits(ctx)
+    static = M.static_from_graph(gm, optimizer, fuse, ctx.params, lower=str(getattr(ctx.options, "lower", "eager")),
+                                 fuse_group_bytes=group_bytes, inplace_grad_scale=inplace)
+    ctx.shared["memory_static"] = static
     # cuBLAS / cuBLASLt workspaces come from the caching allocator and count in max_memory_allocated,
     # but no graph node makes them: reserve them on CUDA (-1 = CUDA_WORKSPACE_RESERVE there, 0 elsewhere).
     # Evidence: an H100 run planned to 12 GiB measured 3.8 MB above it with no reserve (docs/memory.md).
@@ -84,6 +107,8 @@ def plan_memory(gm: torch.fx.GraphModule, ctx: PassContext, optimizer: str = "ad
         "recompute": sum(1 for d in plan.decisions.values() if d == "recompute"),
         "offload": sum(1 for d in plan.decisions.values() if d == "offload"), "offloaded_bytes": plan.offloaded_bytes,
         "overhead_s": plan.overhead_s, "warnings": plan.warnings,
+        "fuse_optimizer": static.fuse_optimizer, "fuse_group_bytes": static.fuse_group_bytes,
+        "inplace_grad_scale": static.inplace_grad_scale,
     }
     if already and not plan.modified:
         stats["note"] = "plan already applied"

@@ -905,9 +905,11 @@ def inputs_bytes(joint: torch.fx.GraphModule) -> int:
 
 def static_from_graph(joint: torch.fx.GraphModule, optimizer: str = "adamw", fuse_optimizer: bool = False,
                       params: dict[int, Any] | None = None, lower: str = "eager",
-                      fuse_group_bytes: int | None = None) -> Static:
+                      fuse_group_bytes: int | None = None, inplace_grad_scale: bool = True) -> Static:
     """Static bytes of the graph's parameters (placeholders named as parameters). ``lower``: the
-    backend's lowering, recorded in ``Static.lower`` (``"inductor"``: model Inductor's fusion)."""
+    backend's lowering, recorded in ``Static.lower`` (``"inductor"``: model Inductor's fusion).
+    ``fuse_group_bytes``: see :func:`static_breakdown`. ``inplace_grad_scale``: whether the
+    ``inplace_saved_grad_scale`` backward pass will run (``Static.inplace_grad_scale``)."""
     rows = []
     placeholders = [n for n in joint.graph.nodes if n.op == "placeholder"]
     for i, n in enumerate(placeholders):
@@ -929,6 +931,7 @@ def static_from_graph(joint: torch.fx.GraphModule, optimizer: str = "adamw", fus
     s = static_breakdown(rows, optimizer, fuse_optimizer, fuse_group_bytes=fuse_group_bytes)
     s.inputs = inputs_bytes(joint)
     s.lower = lower
+    s.inplace_grad_scale = bool(inplace_grad_scale)
     if lower == "inductor":
         s.assumptions.append("lower=inductor: pointwise chains Inductor fuses into their consumers are not "
                              "materialized (inductor_inlined); other buffer reuse is not credited")
