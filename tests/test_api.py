@@ -164,3 +164,32 @@ def test_check_traces_with_the_lowering_the_compile_uses(monkeypatch):
         apply_optimizations(_tiny(), target_vram="1GiB", seq_len=64, batch_size=1, chunks=8,
                             optimizer_options={"state_precision": "fp32", "high_precision_tier": "fp32"}, **opts)
         assert seen and set(seen) == {want}, (opts, seen)
+
+
+def test_a_budget_the_extrapolation_refuses_is_decided_on_a_trace_of_all_layers(monkeypatch, capsys):
+    """Unchunked tiny-qwen2 (6 layers, seq 256): the 1->2 layer extrapolation's floor is 7.22 MiB, a
+    trace of all 6 layers plans it in 5.52 MiB. A 7 MiB budget is accepted after the full trace; a
+    budget below half the extrapolated activations is refused without one."""
+    import unsloth_fx.api as api
+
+    model = _tiny(num_hidden_layers=6)
+    kw = dict(seq_len=256, batch_size=1, fuse_optimizer=False)
+    seen = []
+    real = api._activation_floor
+    monkeypatch.setattr(api, "_activation_floor", lambda m, counts, *a, **k: seen.append(counts) or real(m, counts, *a, **k))
+    extrap = check_budget(model, None, **kw)
+    assert extrap.extrapolated and extrap.smallest_feasible == 8 * 2**20 and seen == [(1, 0), (2, 0)]
+    seen.clear()
+    chk = check_budget(model, 7 * 2**20, **kw)
+    assert seen == [(1, 0), (2, 0), (6, 0)] and chk.traced_layers == [6] and not chk.extrapolated
+    assert chk.smallest_feasible <= 7 * 2**20 and chk.feasible
+    assert "replaced by a trace of all 6 layers" in chk.notes[-1]
+    assert "tracing all 6 layers to decide" in capsys.readouterr().out
+    # the accepted budget is what the whole graph needs: a full trace's own floor, not the extrapolation's
+    assert chk.predicted_peak == pytest.approx(max(chk.parameters + chk.optimizer_state + real(
+        model, (6, 0), 1, 256, "hybrid", False)[0], chk.static_peak), rel=1e-6)
+    seen.clear()
+    resident = chk.parameters + chk.optimizer_state
+    with pytest.raises(InfeasibleBudget, match=r"extrapolated from \[1, 2\] traced layers"):
+        check_budget(model, max(resident + 2**20, chk.static_peak), **kw)
+    assert seen == [(1, 0), (2, 0)]  # refused on the extrapolation: no full trace

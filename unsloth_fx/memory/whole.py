@@ -255,14 +255,24 @@ def _variant(name: str, counts: tuple[int, int], batch: int, seq: int, dtype, op
     return Variant(counts, st, base, mn, tr.joint, tr.nfwd, cands, tr.chunking, tr.notes)
 
 
-def minimum_candidates(joint: Any, nfwd: int, st: M.Static, dev: S.DeviceModel) -> list[M.Timeline | None]:
-    """The timelines ``schedule.minimum_plan`` chooses among, in a fixed order (all saved; keep the
-    fewest bytes; the MILP at 1/2 and 1/4 of the saved bytes; None where a solve gave no plan). The
-    first with the lowest peak is ``minimum_plan``'s."""
-    base = M.predict(joint, nfwd, st)
+def minimum_decisions(joint: Any, nfwd: int, saved_bytes: int, dev: S.DeviceModel) -> list:
+    """The solver decisions behind :func:`minimum_candidates` (keep the fewest bytes; the MILP at 1/2
+    and 1/4 of ``saved_bytes``, the all-saved plan's saved bytes). They depend on the graph, not on
+    the optimizer, so a caller checking several optimizer policies solves once per graph."""
     dev = dataclasses.replace(dev, offload=False)  # as minimum_plan: a plan() can reach it
     decs = [S.solve(joint, nfwd, 2**62, dev, force_recompute=True)]
-    decs += [S.solve(joint, nfwd, int(base.saved_bytes * f), dev) for f in (0.5, 0.25)]
+    return decs + [S.solve(joint, nfwd, int(saved_bytes * f), dev) for f in (0.5, 0.25)]
+
+
+def minimum_candidates(joint: Any, nfwd: int, st: M.Static, dev: S.DeviceModel,
+                       decisions: list | None = None) -> list[M.Timeline | None]:
+    """The timelines ``schedule.minimum_plan`` chooses among, in a fixed order (all saved; keep the
+    fewest bytes; the MILP at 1/2 and 1/4 of the saved bytes; None where a solve gave no plan). The
+    first with the lowest peak is ``minimum_plan``'s. ``decisions``: :func:`minimum_decisions` of
+    this graph, if already solved."""
+    base = M.predict(joint, nfwd, st)
+    decs = decisions if decisions is not None else minimum_decisions(joint, nfwd, base.saved_bytes, dev)
+    dev = dataclasses.replace(dev, offload=False)
     return [base] + [S._predict_tagged(joint, nfwd, st, d, dev) if d else None for d in decs]
 
 
