@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -132,6 +133,16 @@ def run_child(a: argparse.Namespace, variant: str, seq: int, mem_limit: int = 0,
     return rec
 
 
+def error_line(stderr: str) -> str:
+    """The exception line of a child's traceback (``SomeError: message``), not its last line: torch's
+    errors often end in a hint ("See https://...") that names no cause."""
+    lines = stderr.strip().splitlines()
+    for line in reversed(lines):
+        if re.match(r"^(\w+\.)*[A-Z]\w*: ", line):
+            return line
+    return (lines or ["no output"])[-1]
+
+
 def _run_child(a: argparse.Namespace, variant: str, seq: int, mem_limit: int = 0, model: str | None = None,
                steps: int | None = None, warmup: int | None = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", "--variant", variant, "--seq", str(seq),
@@ -145,8 +156,7 @@ def _run_child(a: argparse.Namespace, variant: str, seq: int, mem_limit: int = 0
     for line in reversed(p.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
-    err = (p.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"variant": variant, "seq": seq, "model": model or a.model, "error": err[:300],
+    return {"variant": variant, "seq": seq, "model": model or a.model, "error": error_line(p.stderr)[:300],
             "oom": "out of memory" in p.stderr.lower()}
 
 

@@ -94,3 +94,12 @@ def test_smoke_runs_every_variant_on_dense_and_moe_models(tmp_path):
     floors = {(r["model"], r["variant"]): r["flops"]["ratio"] for r in rows if r["seq"] == 64}
     assert floors[("tiny-qwen2", "lm_head")] == 0 and floors[("tiny-deepseek-v3", "chunked")] > 0
     assert "| lm_head | 64 |" in p.stdout and "recompute floor" in p.stdout
+
+
+def test_a_failed_cell_records_the_exception_line_not_the_trailing_hint(bc):
+    tb = ("Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+          "torch._dynamo.exc.BackendCompilerFailed: backend='unsloth' raised:\nRuntimeError: aliasing\n\n"
+          "See https://pytorch.org/docs/stable/library.html#torch.library.opcheck\n")
+    assert bc.error_line(tb) == "RuntimeError: aliasing"
+    assert bc.error_line("no traceback here\nlast line") == "last line"
+    assert bc.error_line("") == "no output"
