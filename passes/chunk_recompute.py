@@ -261,8 +261,12 @@ def chunk_order_violations(gm: torch.fx.GraphModule) -> list[str]:
 def chunk_grad_add(acc: torch.Tensor, partial: torch.Tensor) -> torch.Tensor:
     """``acc + partial``, as an op Inductor lowers as an extern call: its inputs are realized and its
     output is a buffer of its own, so a chain of them cannot be inlined into one kernel at the end
-    (which would keep every partial alive). Same shape and dtype, no broadcasting."""
-    return acc + partial
+    (which would keep every partial alive). Same shape and dtype, no broadcasting. The result is
+    contiguous whatever the inputs' layout, as the fake kernel says (``acc + partial`` would follow
+    transposed inputs' strides: the MoE expert weights' grouped_mm partials on CUDA, where Inductor's
+    stride check then failed on deepseek-v3-mini)."""
+    out = torch.empty_like(acc, memory_format=torch.contiguous_format)
+    return torch.add(acc, partial, out=out)
 
 
 @chunk_grad_add.register_fake

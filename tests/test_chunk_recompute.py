@@ -292,6 +292,12 @@ def test_moe_expert_partials_accumulate_through_chunk_grad_add():
     a, b = torch.randn(3, 4), torch.randn(3, 4)
     torch.testing.assert_close(op(a, b), a + b, rtol=0, atol=0)
     torch.library.opcheck(op, (a, b))
+    # transposed partials (CUDA grouped_mm weight gradients): the real output's layout is the fake's
+    at, bt = torch.randn(2, 4, 3).transpose(1, 2), torch.randn(2, 4, 3).transpose(1, 2)
+    out = op(at, bt)
+    torch.testing.assert_close(out, at + bt, rtol=0, atol=0)
+    assert out.is_contiguous() and not (at + bt).is_contiguous()
+    torch.library.opcheck(op, (at, bt))
 
 
 @pytest.mark.slow
