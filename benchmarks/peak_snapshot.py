@@ -5,8 +5,8 @@ warm-up steps, then records the CUDA caching allocator's history (torch's memory
 one more step and replays it: the moment of the largest allocated total, and the blocks alive
 then, largest first, each with the first frames of the Python stack that allocated it (compiled
 code included, with its source line). Blocks allocated before recording (parameters, optimizer
-state) are one line, "allocated before recording". Prints the plan's predicted peak beside the
-measured one.
+state) are one line, "allocated before recording". Prints the check's all-saved
+prediction and the compiled plan's predicted peak (``plan_memory``'s stats) beside the measured one.
 
     python3 benchmarks/peak_snapshot.py --budget 8GiB --seq 2048            # GPU
     python3 benchmarks/peak_snapshot.py --smoke                              # CPU: the replay logic only
@@ -117,9 +117,15 @@ def run_gpu(a: argparse.Namespace) -> dict[str, Any]:
     dev = torch.cuda.current_device()
     trace = snap["device_traces"][dev]
     peak, peak_live, at = replay(trace, baseline)
+    from unsloth_fx import backend
+
+    ctx = backend.LAST.get("ctx")  # the compiled graph's plan (the last graph compiled)
+    plan = ctx.stats.get("joint", {}).get("plan_memory", {}) if ctx is not None else {}
     return {"model": a.model, "seq": a.seq, "batch": a.batch, "budget": a.budget,
             "card": torch.cuda.get_device_name(), "torch": torch.__version__,
             "predicted_peak": chk.get("predicted_peak"), "smallest_feasible": chk.get("smallest_feasible"),
+            "plan_predicted_peak": plan.get("predicted_peak"), "plan_recompute": plan.get("recompute"),
+            "plan_offload": plan.get("offload"),
             "tier": (step_model.ufx_report or {}).get("optimizer_policy", {}).get("chosen"),
             "measured_peak_recorded_step": measured, "measured_peak_warmup_steps": peak_all,
             "replayed_peak": peak, "baseline": baseline, "trace_events": len(trace), "peak_event": at,
@@ -155,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     if not a.smoke:
         g = lambda b: "-" if b is None else f"{b / GiB:.3f} GiB"  # noqa: E731
         print(f"{a.model} seq {a.seq} budget {a.budget} on {rec['card']} (torch {rec['torch']}), tier {rec['tier']}")
-        print(f"  predicted peak {g(rec['predicted_peak'])}; measured {g(rec['measured_peak_recorded_step'])} "
+        print(f"  predicted: all saved {g(rec['predicted_peak'])}, the compiled plan "
+              f"{g(rec.get('plan_predicted_peak'))} (recompute {rec.get('plan_recompute')}, offload "
+              f"{rec.get('plan_offload')}); measured {g(rec['measured_peak_recorded_step'])} "
               f"(recorded step), {g(rec['measured_peak_warmup_steps'])} (warm-up steps incl. compile); "
               f"replayed {g(rec['replayed_peak'])}; before recording {g(rec['baseline'])}")
         print("| MiB | blocks | allocated at |\n|---:|---:|---|")
