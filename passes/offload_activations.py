@@ -20,10 +20,18 @@ copies it back ahead of its first use::
 
 The prefetch point is the latest position whose estimated compute up to the
 first use (``schedule.node_seconds``) covers the H2D time (bytes / h2d rate).
-On CUDA the copies run on one side stream (per device) into pinned host
-buffers, so they overlap compute; the device tensor is kept from reuse until
-the copy-out finishes (``record_stream``), and ``await_activation`` makes the
-compute stream wait for the copy-in. Elsewhere (CPU) host and device are the
+On CUDA the copy-out runs on the compute stream into a pinned host buffer
+(asynchronous to the host, but in stream order: it is not hidden behind compute),
+and the copy-in on a side stream (per device), so it overlaps compute;
+``await_activation`` makes the compute stream wait for the copy-in.
+
+Why the copy-out is not on the side stream: Inductor reuses a dead buffer's
+memory inside the compiled graph (``buf5 = buf2; del buf2  # reuse``) without
+going through the caching allocator, so ``record_stream`` cannot hold it; the
+next kernel then overwrote the activation while the side stream was still
+copying it out. Step 1 was right and later steps read corrupted activations: on
+r1-distill-qwen-1.5b at 7 GiB the loss after 100 steps was +6.6% off stock AMP
+with offload and +2.0% without (docs/benchmarks.md, fifth session). Elsewhere (CPU) host and device are the
 same memory: the ops copy, so graph structure and numerics can be tested.
 
 The transforms :func:`offload_forward` / :func:`reload_backward` are also used
@@ -55,16 +63,12 @@ def _side_stream(device: torch.device) -> Any:
 
 @torch.library.custom_op("unsloth_fx::offload_activation", mutates_args=())
 def offload_activation(x: torch.Tensor) -> torch.Tensor:
-    """Copy ``x`` to host memory (pinned, asynchronous on a side stream, on CUDA)."""
+    """Copy ``x`` to host memory (pinned, asynchronous to the host and in the compute stream's order, on CUDA)."""
     if x.device.type != "cuda":
         return x.clone()  # host is the device: a copy keeps the graph's shape
-    cur = torch.cuda.current_stream(x.device)
-    side = _side_stream(x.device)
     host = torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device="cpu", pin_memory=True)
-    side.wait_stream(cur)  # x is produced on the compute stream
-    with torch.cuda.stream(side):
-        host.copy_(x, non_blocking=True)
-    x.record_stream(side)  # the allocator must not hand x's block out before the copy-out ends
+    # on the compute stream: the kernels after it may write x's memory (see the module doc)
+    host.copy_(x, non_blocking=True)
     return host
 
 

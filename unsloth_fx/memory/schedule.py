@@ -10,7 +10,8 @@ use), and one continuous E (exposed transfer seconds). Constraints:
 * recomputing j needs each forward input i of j:           keep_i + rec_i + off_i >= rec_j
   (parameters and graph inputs are always available)
 * device bytes kept across the gap fit what the budget leaves: sum_j keep_j * bytes_j <= L
-* E >= sum_j off_j * max(0, t_j - W_j)   (each copy hidden by the compute around it)
+* E >= sum_j off_j * (d_j + max(0, h_j - W_j))   (the copy-out d_j = bytes_j / d2h runs on the
+  compute stream; the copy-in h_j = bytes_j / h2d is hidden by the compute before its use)
 * E >= sum_j off_j * t_j - T             (one host link: all copies within the step)
 
 with t_j = bytes_j / d2h + bytes_j / h2d, W_j the estimated compute seconds between
@@ -185,8 +186,10 @@ def transfer_seconds(nbytes: float, dev: DeviceModel) -> float:
 
 
 def exposed_seconds(nbytes: float, window_s: float, dev: DeviceModel) -> float:
-    """Transfer seconds of one offload not hidden behind ``window_s`` seconds of compute."""
-    return max(transfer_seconds(nbytes, dev) - window_s, 0.0)
+    """Transfer seconds of one offload not hidden behind ``window_s`` seconds of compute: the
+    copy-out runs on the compute stream (never hidden; passes/offload_activations.py says why),
+    the copy-in on a side stream ahead of its first use."""
+    return nbytes / dev.d2h_bytes_per_s + max(nbytes / dev.h2d_bytes_per_s - window_s, 0.0)
 
 
 def solve(joint: torch.fx.GraphModule, num_fwd_outputs: int, limit: int, dev: DeviceModel,
