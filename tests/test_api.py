@@ -193,3 +193,17 @@ def test_a_budget_the_extrapolation_refuses_is_decided_on_a_trace_of_all_layers(
     with pytest.raises(InfeasibleBudget, match=r"extrapolated from \[1, 2\] traced layers"):
         check_budget(model, max(resident + 2**20, chk.static_peak), **kw)
     assert seen == [(1, 0), (2, 0)]  # refused on the extrapolation: no full trace
+
+
+def test_a_pipeline_given_with_the_fused_lm_head_patches_the_model_so_the_pass_fuses():
+    # the documented way to keep an fp32 LM-head gradient: before, the logits stayed a graph output and
+    # the pass skipped the LM head ("logits ... have other users"), the step ran unfused
+    model = _tiny()
+    pipe = "default,plan_memory{optimizer={OPTIMIZER}},+fuse_linear_cross_entropy{chunks=4,grad_weight_accum=fp32}"
+    compiled, _ = apply_optimizations(model, target_vram=None, lr=3e-3, lower="eager", check=False, pipeline=pipe,
+                                      optimizer_options={"implementation": "reference"})
+    x = torch.randint(0, 512, (2, 64))
+    compiled(input_ids=x, labels=x).loss.backward()
+    st = B.LAST["ctx"].stats["pre_grad"]["fuse_linear_cross_entropy"]
+    assert st["fused"] == 1 and st["skipped"] == [], st
+    assert st["grad_weight_accum"] == "fp32"

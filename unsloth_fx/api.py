@@ -486,6 +486,10 @@ def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optim
             chunking = len(passes) == 2
     else:
         chunking = all(p.split("{")[0] in pipeline for p in chunk_passes(chunks))
+        if "fuse_linear_cross_entropy" in pipeline and _is_hf_causal_lm(model):
+            from unsloth_fx.runtime.linear_cross_entropy import patch_causal_lm
+
+            patch_causal_lm(model)  # else the logits stay a graph output and the pass must skip the LM head
     # with gradient accumulation the fused update keeps every gradient between micro-batches
     check_kw = dict(fuse_optimizer=bool(fuse_optimizer) and grad_accum == 1, seq_len=seq_len, batch_size=batch_size,
                     device_total=_device_total(model), chunks=chunks if chunking else None,
