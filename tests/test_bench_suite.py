@@ -95,3 +95,33 @@ def test_markdown_marks_failures():
     md = bench.markdown(doc)
     assert "| m | eager-amp | OOM: CUDA out of memory |" in md
     assert "| m | ufx-7GiB | ok | 6.50 | 25,000 | 61.000 | 6.500 |" in md
+
+
+def test_ablation_variant_runs_its_pipeline_and_tiers_and_records_the_plan():
+    torch._dynamo.reset()
+    cfg = {"model": "tiny-qwen2", "variant": "ufx-7GiB-fp32sums", "steps": 1, "seq": 64, "batch": 1, "lr": 1e-3,
+           "smoke": True}
+    rec = bench.run_variant(cfg)
+    assert rec["status"] == "ok", rec
+    opts = rec["ufx"]["options"]
+    assert "chunk_recompute{accumulate=false}" in opts["pipeline"]
+    assert "fuse_linear_cross_entropy{chunks=8,grad_weight_accum=fp32}" in opts["pipeline"]
+    assert rec["ufx"]["check"] is None  # the ablation skips the early check
+    assert rec["ufx"]["optimizer_policy"]["chosen"] == "int4/int4"
+    assert set(rec["ufx"]["plan"]) == {"predicted_peak_h", "recompute", "offload", "offloaded_bytes"}
+    from unsloth_fx import backend
+
+    st = backend.LAST["ctx"].stats
+    assert st["pre_grad"]["fuse_linear_cross_entropy"]["fused"] == 1
+    assert st["pre_grad"]["fuse_linear_cross_entropy"]["grad_weight_accum"] == "fp32"
+    assert "accumulated" not in st["joint"]["chunk_recompute"]  # sums left at the end, as asked
+
+
+def test_no_budget_variant_compiles_without_a_budget():
+    torch._dynamo.reset()
+    cfg = {"model": "tiny-qwen2", "variant": "ufx-nobudget-int4", "steps": 1, "seq": 32, "batch": 1, "lr": 1e-3,
+           "smoke": True}
+    rec = bench.run_variant(cfg)
+    assert rec["status"] == "ok", rec
+    assert rec["ufx"]["options"]["memory_budget"] is None
+    assert "split_token_chunks" not in rec["ufx"]["options"]["pipeline"]

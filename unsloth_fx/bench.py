@@ -54,6 +54,33 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "ufx-12GiB": ("unsloth-fx, budget 12 GiB, HybridAdamW", {"ufx": "12GiB"}),
     "ufx-24GiB": ("unsloth-fx, budget 24 GiB, HybridAdamW", {"ufx": "24GiB"}),
 }
+# Loss ablation of the 7 GiB plan (issue 8): its tier (int4/int4) and 8 chunks fixed, one numeric choice changed
+# each, no early check (the plan still gets the 7 GiB budget). "ufx-7GiB-int4" is the control: the pipeline
+# apply_optimizations builds for 7 GiB, written out.
+_CHUNK_PIPE = "default,plan_memory{{optimizer={{OPTIMIZER}}}}{noacc},+split_token_chunks{{chunks=8}},"\
+              "+fuse_linear_cross_entropy{{chunks=8{lce}}}"
+_ABLATION = {
+    "ufx-7GiB-int4": ("control: the 7 GiB pipeline and tier, fixed", "", ""),
+    "ufx-7GiB-lmfp32": ("LM-head weight gradient summed in fp32 across chunks", "", ",grad_weight_accum=fp32"),
+    "ufx-7GiB-noacc": ("chunked MLP weight gradients summed at the end, not as bf16 running sums",
+                       ",chunk_recompute{accumulate=false}", ""),
+    "ufx-7GiB-fp32sums": ("both of the above (the numerics of ab98e03)", ",chunk_recompute{accumulate=false}",
+                          ",grad_weight_accum=fp32"),
+}
+for _name, (_what, _noacc, _lce) in _ABLATION.items():
+    VARIANTS[_name] = (f"unsloth-fx 7 GiB, int4/int4, 8 chunks, ablation: {_what}",
+                       {"ufx": "7GiB", "tiers": "int4/int4", "check": False,
+                        "pipeline": _CHUNK_PIPE.format(noacc=_noacc, lce=_lce)})
+VARIANTS["ufx-7GiB-nooffload"] = ("unsloth-fx 7 GiB, int4/int4, 8 chunks, ablation: offload off (recompute only)",
+                                  {"ufx": "7GiB", "tiers": "int4/int4", "check": False,
+                                   "pipeline": _CHUNK_PIPE.format(noacc="", lce="").replace(
+                                       "{OPTIMIZER}}", "{OPTIMIZER},offload=false}")})
+VARIANTS["ufx-chunked-nobudget-int4"] = ("unsloth-fx, no budget, 8 chunks, int4/int4 (ablation: chunking alone)",
+                                         {"ufx": "none", "tiers": "int4/int4", "check": False,
+                                          "pipeline": _CHUNK_PIPE.format(noacc="", lce="")})
+VARIANTS["ufx-nobudget-int4"] = ("unsloth-fx, no budget, no chunking, int4/int4 (ablation: the tier alone)",
+                                 {"ufx": "none", "tiers": "int4/int4", "check": False,
+                                  "pipeline": "default,plan_memory{optimizer={OPTIMIZER}}"})
 # Ordered so that what the targets compare against runs first (--suite-minutes may cut the tail).
 DEFAULT_VARIANTS = ("compile-amp", "ufx-7GiB", "eager-amp", "eager-bf16", "compile-bf16", "compile-bf16-amb0.3",
                     "eager-bf16-gc", "peers-liger-adamw8bit", "ufx-12GiB", "ufx-24GiB")
@@ -130,10 +157,16 @@ def _run_variant(cfg: dict[str, Any]) -> dict[str, Any]:
     if s.get("ufx"):
         from unsloth_fx.api import apply_optimizations
 
-        extra = {"lower": "eager"} if smoke else {}
-        budget = "64MiB" if smoke else s["ufx"]  # tiny model: a budget it can meet
+        extra: dict[str, Any] = {"lower": "eager"} if smoke else {}
+        budget = None if s["ufx"] == "none" else "64MiB" if smoke else s["ufx"]  # tiny model: a budget it can meet
+        if s.get("tiers"):
+            sp, hp = s["tiers"].split("/")
+            extra["optimizer_options"] = {"state_precision": sp, "high_precision_tier": hp}
+        if s.get("pipeline"):
+            extra["pipeline"] = s["pipeline"]
         step_model, opt = apply_optimizations(model, target_vram=budget, optimizer="hybrid_adam", lr=lr,
-                                              seq_len=cfg["seq"], batch_size=cfg["batch"], **extra)
+                                              seq_len=cfg["seq"], batch_size=cfg["batch"],
+                                              check=s.get("check", True), **extra)
         report = step_model.ufx_report
     else:
         if s.get("adamw8bit"):
@@ -175,6 +208,13 @@ def _run_variant(cfg: dict[str, Any]) -> dict[str, Any]:
         _say(f"    step {i + 1}/{cfg['steps']}  loss {losses[-1]:.4f}  {times[-1]:.3f} s")
     if cfg["steps"] > 1:
         lock.__exit__(None, None, None)
+    if s.get("ufx"):  # what the compiled plan chose (the last compiled graph's plan_memory stats)
+        from unsloth_fx import backend
+
+        ctx = backend.LAST.get("ctx")
+        pm = (ctx.stats if ctx else {}).get("joint", {}).get("plan_memory", {})
+        report = dict(report, plan={k: pm.get(k) for k in ("predicted_peak_h", "recompute", "offload",
+                                                           "offloaded_bytes")})
     steady = times[2:] or times[-1:]
     step_s = statistics.median(steady)
     return {
