@@ -31,8 +31,10 @@ going through the caching allocator, so ``record_stream`` cannot hold it; the
 next kernel then overwrote the activation while the side stream was still
 copying it out. Step 1 was right and later steps read corrupted activations: on
 r1-distill-qwen-1.5b at 7 GiB the loss after 100 steps was +6.6% off stock AMP
-with offload and +2.0% without (docs/benchmarks.md, fifth session). Elsewhere (CPU) host and device are the
-same memory: the ops copy, so graph structure and numerics can be tested.
+with offload and +2.0% without (docs/benchmarks.md, fifth session).
+
+Elsewhere (CPU) host and device are the same memory: the ops copy, so graph
+structure and numerics can be tested.
 
 The transforms :func:`offload_forward` / :func:`reload_backward` are also used
 by the scheduler on partitioned copies, so the predicted timeline is the
