@@ -2,6 +2,10 @@
 
     python benchmarks/profile_step.py --variant ufx --budget 24GiB --out prof_ufx.txt
     python benchmarks/profile_step.py --variant compile-bf16 --out prof_stock.txt
+    python benchmarks/profile_step.py --model deepseek-v3-mini --variant chunked --optimizer none
+
+``unchunked`` / ``chunked``: the backend with ``benchmarks/bench_chunk.py``'s pipeline of that name
+(``--chunks``), the same step that benchmark times.
 
 ``ufx``: ``unsloth_fx.apply_optimizations`` (HybridAdamW, the budget's plan); ``compile-bf16``:
 stock ``torch.compile`` with bf16 weights and ``torch.optim.AdamW(fused=True)``. Random token ids,
@@ -19,7 +23,10 @@ import time
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="r1-distill-qwen-1.5b")
-    ap.add_argument("--variant", choices=("ufx", "compile-bf16"), default="ufx")
+    ap.add_argument("--variant", choices=("ufx", "compile-bf16", "unchunked", "chunked"), default="ufx")
+    ap.add_argument("--chunks", type=int, default=8, help="for the chunked variant")
+    ap.add_argument("--optimizer", choices=("adamw", "none"), default="adamw",
+                    help="none: forward + backward only, as bench_chunk.py times (not for ufx)")
     ap.add_argument("--budget", default="24GiB")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--warmup", type=int, default=3)
@@ -27,6 +34,8 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    if a.variant == "ufx" and a.optimizer == "none":
+        ap.error("--optimizer none is for the stock and pipeline variants; ufx's optimizer is fused into backward")
 
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -41,16 +50,36 @@ def main() -> int:
 
         f, opt = apply_optimizations(model, target_vram=a.budget, optimizer="hybrid_adam", lr=1e-5,
                                      seq_len=a.seq, batch_size=1)
-    else:
+    elif a.variant == "compile-bf16":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
         f = torch.compile(model)
+    else:
+        import os
+        import sys
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from bench_chunk import _pipeline
+
+        from unsloth_fx.runtime.linear_cross_entropy import patch_causal_lm
+
+        model.config.use_cache = False
+        if a.variant == "chunked":
+            patch_causal_lm(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        f = torch.compile(model, backend="unsloth", options={"pipeline": _pipeline(a.variant, a.chunks)})
+    if a.optimizer == "none":
+        opt = None
     ids = torch.randint(0, model.config.vocab_size, (1, a.seq), device="cuda")
 
     def step():
         loss = f(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if opt is None:
+            for p in model.parameters():
+                p.grad = None
+        else:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     import os
     import sys
