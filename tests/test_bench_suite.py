@@ -35,6 +35,19 @@ def test_smoke_suite_runs_variants_in_subprocesses_and_writes_everything(tmp_pat
     assert out.rstrip().endswith(md.rstrip().splitlines()[-1])  # the table is printed last
 
 
+@pytest.mark.slow
+def test_a_variant_past_its_timeout_is_killed_with_its_stacks_in_the_log(tmp_path):
+    """A stalled variant (the 7 GiB run of 2026-12-06 printed step 1 and nothing in the next 219 s) must say
+    where it was: before the kill, the worker's faulthandler writes every thread's stack to its log."""
+    cfg = {"model": "tiny-qwen2", "variant": "eager-amp", "steps": 20000, "seq": 8, "batch": 1, "lr": 1e-3,
+           "smoke": True}
+    rec = bench._run_in_subprocess(cfg, str(tmp_path), timeout=30.0)
+    assert rec["status"] == "timeout", rec
+    assert "(last: step " in rec["error"] and rec["wall_s"] < 60, rec
+    log = open(rec["log"]).read()
+    assert "most recent call first" in log and "_run_variant" in log, log[-2000:]
+
+
 def test_worker_records_oom_and_crash_with_the_last_error_line(tmp_path, monkeypatch):
     cfg = {"model": "tiny-qwen2", "variant": "eager-amp", "steps": 1, "seq": 8, "batch": 1, "lr": 1e-3,
            "smoke": True, "result": str(tmp_path / "r.json")}

@@ -28,9 +28,11 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -226,6 +228,12 @@ def _run_variant(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _worker(path: str) -> int:
+    import faulthandler
+    import signal
+
+    # the orchestrator sends SIGUSR1 before killing a variant past its timeout: every thread's stack lands in
+    # the variant's log, so a stall says where it was
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     cfg = json.load(open(path))
     try:
         rec = run_variant(cfg)
@@ -252,34 +260,46 @@ def _run_in_subprocess(cfg: dict[str, Any], out: str, timeout: float) -> dict[st
         os.remove(cfg["result"])
     json.dump(cfg, open(cfg_path, "w"))
     env = dict(os.environ)
+    env.setdefault("TORCH_LOGS", "recompiles")  # a recompile inside the timed steps is worth a line in the log
     if cfg["smoke"]:
         env["CUDA_VISIBLE_DEVICES"] = ""
         env.pop("TRITON_INTERPRET", None)  # HybridAdamW's pure-PyTorch path on CPU; the interpreter is far slower
     t0 = time.perf_counter()
     tail: list[str] = []
+    last_step: list[str] = []
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "unsloth_fx.bench", "--worker", cfg_path], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+
+        def pump() -> None:  # a silent worker must not keep the timeout from firing, so read in a thread
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                tail[:] = (tail + [line.rstrip()])[-30:]
+                if line.startswith("    step "):
+                    last_step[:] = [line.strip()]
+                    _say(line.rstrip())
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
         timed_out = False
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            tail = (tail + [line.rstrip()])[-30:]
-            if line.startswith("    step "):
-                _say(line.rstrip())
-            if time.perf_counter() - t0 > timeout:
-                timed_out = True
-                proc.kill()
-                break
         try:
-            proc.wait(timeout=max(timeout - (time.perf_counter() - t0), 1))
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
+            proc.send_signal(signal.SIGUSR1)  # the worker's faulthandler writes every thread's stack to the log
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
             proc.kill()
             proc.wait()
+        reader.join(timeout=10)
     wall = time.perf_counter() - t0
     if timed_out:
-        rec = {"status": "timeout", "error": f"no result after {timeout:.0f} s"}
+        rec = {"status": "timeout", "error": f"no result after {timeout:.0f} s"
+               + (f" (last: {last_step[0]})" if last_step else "") + "; the log ends with the worker's stacks"}
     elif os.path.exists(cfg["result"]):
         rec = json.load(open(cfg["result"]))
     else:  # killed (e.g. a CUDA abort or the OOM killer): its last line says why
