@@ -48,6 +48,35 @@ def test_a_variant_past_its_timeout_is_killed_with_its_stacks_in_the_log(tmp_pat
     assert "most recent call first" in log and "_run_variant" in log, log[-2000:]
 
 
+def test_the_timing_lock_dies_with_its_holder_even_if_a_forked_child_lives_on(tmp_path, monkeypatch):
+    """A holder that forks (a compile worker) and is then killed must not leave the lock held by the child:
+    with flock the child kept it, and every later timed section would wait forever."""
+    import subprocess
+    import sys
+    import threading
+
+    lock = str(tmp_path / "gpu.lock")
+    monkeypatch.setenv("UFX_BENCH_LOCK", lock)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time\n"
+        "from unsloth_fx.bench import timed_section\n"
+        "with timed_section():\n"
+        "    if os.fork() == 0:\n"
+        "        time.sleep(30); os._exit(0)\n"  # the child outlives its parent, holding whatever it shares
+        "    print('held', flush=True)\n"
+        "    os.kill(os.getpid(), 9)\n")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.wait(timeout=30)
+    got = threading.Event()
+
+    def take():
+        with bench.timed_section():
+            got.set()
+
+    threading.Thread(target=take, daemon=True).start()
+    assert got.wait(timeout=10), "the timing lock is still held after its holder was killed"
+
+
 def test_worker_records_oom_and_crash_with_the_last_error_line(tmp_path, monkeypatch):
     cfg = {"model": "tiny-qwen2", "variant": "eager-amp", "steps": 1, "seq": 8, "batch": 1, "lr": 1e-3,
            "smoke": True, "result": str(tmp_path / "r.json")}

@@ -104,10 +104,15 @@ def _missing_peers(s: dict[str, Any]) -> list[str]:
 
 
 @contextlib.contextmanager
-def timed_section():
-    """Hold an exclusive file lock on $UFX_BENCH_LOCK while timing, so benchmark processes
+def timed_section(wait_note_s: float = 30.0):
+    """Hold an exclusive lock on the file $UFX_BENCH_LOCK while timing, so benchmark processes
     sharing one GPU never time at once (compilation stays outside); a no-op when unset.
-    ``benchmarks/_lock.py`` uses this too."""
+    ``benchmarks/_lock.py`` uses this too.
+
+    The lock is a POSIX record lock (``fcntl.lockf``), not ``flock``: it belongs to this process
+    alone, so it is gone when the process ends, even if a child forked while it was held (a
+    compile worker, say) lives on. An ``flock`` lock is shared with such a child and outlives a
+    killed holder. After ``wait_note_s`` seconds of waiting, a line on stderr says so."""
     path = os.environ.get("UFX_BENCH_LOCK")
     if not path:
         yield
@@ -115,11 +120,21 @@ def timed_section():
     import fcntl
 
     with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        t0, noted = time.monotonic(), False
+        while True:
+            try:
+                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if not noted and time.monotonic() - t0 > wait_note_s:
+                    print(f"unsloth-fx bench: waiting for the GPU timing lock {path} (pid {os.getpid()}, "
+                          f"{time.monotonic() - t0:.0f} s so far)", file=sys.stderr, flush=True)
+                    noted = True
+                time.sleep(0.05)
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.lockf(f, fcntl.LOCK_UN)
 
 
 def run_variant(cfg: dict[str, Any]) -> dict[str, Any]:
