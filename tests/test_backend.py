@@ -207,3 +207,40 @@ def _causes(err):
     while err is not None:
         yield err
         err = err.__cause__ or err.__context__
+
+
+_SNAPSHOTS: dict = {}
+
+
+@graph_pass(name="snapshot_forward_for_test", stage="forward")
+def snapshot_forward_for_test(gm, ctx):
+    _SNAPSHOTS["forward"] = gm.code
+    return PassResult(gm, False)
+
+
+@graph_pass(name="snapshot_backward_for_test", stage="backward")
+def snapshot_backward_for_test(gm, ctx):
+    _SNAPSHOTS["backward"] = gm.code
+    return PassResult(gm, False)
+
+
+def test_inductor_lowering_leaves_the_pipelines_graphs_as_the_passes_left_them():
+    """Inductor's post-grad passes rewrite the graph they lower in place, and only on an FX-graph-cache miss
+    (on CPU ``add(acc, mm)`` becomes ``addmm``): LAST["backward"] and the checkers that read it saw a
+    different graph on a cold cache (a clean CI machine) than on a warm one. The backend lowers a copy."""
+    import torch._inductor.config as iconfig
+
+    def f(x, w1, w2, b):
+        h = x @ w1 + b
+        return (h @ w2 + x @ w2).relu().sum()
+
+    args = [torch.randn(8, 16, requires_grad=True), torch.randn(16, 16, requires_grad=True),
+            torch.randn(16, 16, requires_grad=True), torch.randn(16, requires_grad=True)]
+    torch._dynamo.reset()
+    _SNAPSHOTS.clear()
+    opts = {"lower": "inductor", "pipeline": "default,+snapshot_forward_for_test,+snapshot_backward_for_test"}
+    with iconfig.patch(fx_graph_cache=False):  # a miss every time: Inductor runs its post-grad passes
+        torch.compile(f, backend="unsloth", options=opts)(*args).backward()
+    assert set(_SNAPSHOTS) == {"forward", "backward"}
+    for k in ("forward", "backward"):
+        assert backend.LAST[k].code == _SNAPSHOTS[k], k

@@ -7,6 +7,7 @@ only. Supported: torch 2.11 through 2.14.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from typing import Any, Callable, Iterator
 
@@ -327,3 +328,16 @@ def foreach_mul(tensors: list[torch.Tensor], scalars: list[torch.Tensor]) -> lis
         except (TypeError, RuntimeError):
             pass
     return [t * s for t, s in zip(tensors, scalars)]
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A new GraphModule over a copy of ``gm``'s graph (node metadata copied shallowly; attributes shared).
+    Private: ``Graph._codegen`` (the pytree in/out specs) is copied too."""
+    graph = torch.fx.Graph()
+    graph._codegen = copy.deepcopy(gm.graph._codegen)  # pytree in/out specs, where the graph has them
+    old_out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out, type_expr=old_out.type).meta.update(old_out.meta)
+    new = torch.fx.GraphModule(gm, graph)
+    new.meta.update(gm.meta)
+    return new

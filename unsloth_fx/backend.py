@@ -93,7 +93,10 @@ def _lower(opts: Options, gm: torch.fx.GraphModule, inputs: Any, **kwargs: Any) 
     if opts.lower == "eager":
         gm.recompile()
         return _compat.make_boxed(gm)
-    return _compat.inductor_compile(gm, inputs, **kwargs)
+    # Inductor's post-grad passes rewrite the graph they are given in place, and only on an FX-graph-cache
+    # miss; lowering a copy keeps the pipeline's graph (LAST, dumps, checkers) the same either way.
+    return _compat.inductor_compile(_compat.copy_graph_module(gm), inputs, **kwargs)
+
 
 
 def unsloth(gm: torch.fx.GraphModule, example_inputs: list[Any], *, options: dict[str, Any] | None = None,
