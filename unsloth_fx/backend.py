@@ -98,7 +98,6 @@ def _lower(opts: Options, gm: torch.fx.GraphModule, inputs: Any, **kwargs: Any) 
     return _compat.inductor_compile(_compat.copy_graph_module(gm), inputs, **kwargs)
 
 
-
 def unsloth(gm: torch.fx.GraphModule, example_inputs: list[Any], *, options: dict[str, Any] | None = None,
             mode: str | None = None) -> Callable[..., Any]:
     """The backend: ``torch.compile(model, backend="unsloth", options={...})``."""

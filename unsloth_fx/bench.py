@@ -244,7 +244,6 @@ def _run_variant(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _worker(path: str) -> int:
     import faulthandler
-    import signal
 
     # the orchestrator sends SIGUSR1 before killing a variant past its timeout: every thread's stack lands in
     # the variant's log, so a stall says where it was
