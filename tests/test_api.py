@@ -207,3 +207,19 @@ def test_a_pipeline_given_with_the_fused_lm_head_patches_the_model_so_the_pass_f
     st = B.LAST["ctx"].stats["pre_grad"]["fuse_linear_cross_entropy"]
     assert st["fused"] == 1 and st["skipped"] == [], st
     assert st["grad_weight_accum"] == "fp32"
+
+
+def test_apply_optimizations_traces_each_step_shape_once_across_its_checks(monkeypatch):
+    """chunks="auto" first checks the unchunked step, then the tier ladder and the built optimizer check the
+    step the compile will run: when that is the unchunked one, its traces are reused (on the 1.5B model a
+    trace of all layers is about 47 s on a GPU host and minutes on a CPU)."""
+    import unsloth_fx.memory.whole as W
+
+    calls = []
+    real = W.trace_step
+    monkeypatch.setattr(W, "trace_step", lambda m, *a, **k: calls.append((len(m.model.layers), k.get("chunks")))
+                        or real(m, *a, **k))
+    model = _tiny(num_hidden_layers=6)
+    apply_optimizations(model, target_vram="7MiB", seq_len=256, batch_size=1, lower="eager", fuse_optimizer=False,
+                        optimizer_options={"implementation": "reference"})
+    assert calls == [(1, None), (2, None)]

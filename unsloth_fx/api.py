@@ -453,6 +453,7 @@ def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optim
     # early check traces and plans the step under it, as plan_memory will
     lower = Options.from_user({k: options[k] for k in ("lower",) if k in options}).lower
     chunking = False
+    traces: dict = {}  # step traces keyed by (model, layers, shape, chunks, lowering): shared by every check below
     if chunks == "auto":
         chunks = 8
         if (pipeline is None and chunk_lm_head and check and seq_len is not None and target_vram is not None
@@ -465,7 +466,7 @@ def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optim
                 check_budget(model, target_vram, optimizer=first, fuse_optimizer=bool(fuse_optimizer) and grad_accum == 1,
                              seq_len=seq_len, batch_size=batch_size, device_total=_device_total(model),
                              optimizer_options=optimizer_options if first == optimizer else None,
-                             lower=lower, _cache={})
+                             lower=lower, _cache=traces)
                 chunk_lm_head = False  # fits unchunked: keep the faster graph
                 print("unsloth_fx.apply_optimizations: the unchunked step fits the budget; no chunking")
             except InfeasibleBudget:
@@ -493,7 +494,7 @@ def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optim
     # with gradient accumulation the fused update keeps every gradient between micro-batches
     check_kw = dict(fuse_optimizer=bool(fuse_optimizer) and grad_accum == 1, seq_len=seq_len, batch_size=batch_size,
                     device_total=_device_total(model), chunks=chunks if chunking else None,
-                    lower=lower, _cache={})  # the lowering the compile will use
+                    lower=lower, _cache=traces)  # the lowering the compile will use
     policy = None
     if (check and target_vram is not None and optimizer == "hybrid_adam"
             and not any(k in optimizer_options for k in _TIER_KEYS)):
