@@ -62,7 +62,7 @@ def test_the_timing_lock_dies_with_its_holder_even_if_a_forked_child_lives_on(tm
         "from unsloth_fx.bench import timed_section\n"
         "with timed_section():\n"
         "    if os.fork() == 0:\n"
-        "        time.sleep(30); os._exit(0)\n"  # the child outlives its parent, holding whatever it shares
+        "        time.sleep(15); os._exit(0)\n"  # the child outlives its parent, holding whatever it shares
         "    print('held', flush=True)\n"
         "    os.kill(os.getpid(), 9)\n")], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
