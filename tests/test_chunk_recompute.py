@@ -313,7 +313,7 @@ def test_inductor_lowering_gets_running_sums_and_matches_hf(monkeypatch):
                 self.seen.append(v)
             super().__setitem__(k, v)
 
-    got, why = {}, {}
+    got = {}
     for accumulate in ("false", "true"):
         torch._dynamo.reset()
         ref, ours, ids = _pair("tiny-qwen2")
@@ -326,17 +326,9 @@ def test_inductor_lowering_gets_running_sums_and_matches_hf(monkeypatch):
         torch.testing.assert_close(loss, loss_ref, **TOL)
         for k in g_ref:
             torch.testing.assert_close(g[k], g_ref[k], **TOL, msg=lambda m: f"{k}: {m}")
-        # a graph break splits the step: the MLPs' backward is then not the last graph compiled
-        # (the backward of the earlier graph runs last); count over all of them
+        # count over every backward graph (with a graph break the MLPs' backward is not the last one). This
+        # test failed only in clean-clone CI ({'false': []}): Inductor rewrote the recorded graph in place on
+        # an FX-graph-cache miss; the backend now lowers a copy (test_backend.py -k leaves_the_pipelines)
         got[accumulate] = sorted(c for bw in rec.seen for c in partial_grads_alive(bw, "inductor").values())
         assert rec.seen, "no backward graph was compiled"
-        ctx = rec.get("ctx")
-        why[accumulate] = {  # what to read when the counts differ (a full-suite-only failure, twice in CI)
-            "backward graphs": len(rec.seen),
-            "chunk nodes per backward": [sum(1 for n in bw.graph.nodes if getattr(n.meta.get("ufx"), "chunk", None)
-                                             is not None) for bw in rec.seen],
-            "stats": {st: {k: v for k, v in d.items() if "chunk" in k or "cross_entropy" in k}
-                      for st, d in (ctx.stats.items() if ctx is not None else ())},
-        }
-    print("per compile:", why)  # pytest shows it on failure, untruncated
-    assert got == {"false": [3] * 6, "true": [2] * 6}, (got, why)
+    assert got == {"false": [3] * 6, "true": [2] * 6}, (got, f"{len(rec.seen)} backward graphs in the last compile")
