@@ -223,3 +223,18 @@ def test_apply_optimizations_traces_each_step_shape_once_across_its_checks(monke
     apply_optimizations(model, target_vram="7MiB", seq_len=256, batch_size=1, lower="eager", fuse_optimizer=False,
                         optimizer_options={"implementation": "reference"})
     assert calls == [(1, None), (2, None)]
+
+
+def test_a_second_check_on_the_same_trace_cache_says_it_reuses_the_full_trace(monkeypatch, capsys):
+    import unsloth_fx.memory.whole as W
+
+    calls = []
+    real = W.trace_step
+    monkeypatch.setattr(W, "trace_step", lambda m, *a, **k: calls.append(len(m.model.layers)) or real(m, *a, **k))
+    model, kw, cache = _tiny(num_hidden_layers=6), dict(seq_len=256, batch_size=1, fuse_optimizer=False), {}
+    check_budget(model, 7 * 2**20, _cache=cache, **kw)
+    assert calls == [1, 2, 6] and "tracing all 6 layers to decide" in capsys.readouterr().out
+    chk = check_budget(model, 7 * 2**20, _cache=cache, **kw)
+    out = capsys.readouterr().out
+    assert calls == [1, 2, 6] and "deciding on the trace of all 6 layers made earlier" in out and "tracing" not in out
+    assert chk.feasible and chk.traced_layers == [6]

@@ -219,6 +219,12 @@ def _meta_copy(model: torch.nn.Module, dense: int, moe: int) -> torch.nn.Module:
     return m
 
 
+def _trace_key(model: torch.nn.Module, counts: tuple[int, int], batch: int, seq: int, chunks: int | None,
+               lower: str) -> tuple:
+    """The key of a step trace in :func:`_activation_floor`'s cache (traces do not depend on the optimizer)."""
+    return (id(model), counts, batch, seq, chunks, lower)
+
+
 def _activation_floor(model: torch.nn.Module, counts: tuple[int, int], batch: int, seq: int, optimizer: str,
                       fuse: bool, chunks: int | None = None, cache: dict | None = None,
                       notes: list[str] | None = None, lower: str = "inductor") -> tuple[int, list[int | None]]:
@@ -236,7 +242,7 @@ def _activation_floor(model: torch.nn.Module, counts: tuple[int, int], batch: in
     from unsloth_fx.memory import schedule as S
     from unsloth_fx.memory.whole import _set_lower, minimum_candidates, minimum_decisions, trace_step
 
-    key = (id(model), counts, batch, seq, chunks, lower)
+    key = _trace_key(model, counts, batch, seq, chunks, lower)
     cache = {} if cache is None else cache
     tr = cache.get(key)
     if tr is None:
@@ -360,9 +366,11 @@ def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | t
         # 0.84x of its activation floor on the models checked): decide on all layers, unless even half
         # that floor is over
         if budget is not None and floor > budget >= max(resident + min(act, act_min) // 2, opt_peak):
+            traced = _trace_key(model, (dense, moe), batch_size, seq_len, chunks, lower) in fk["cache"]
             print(f"unsloth_fx.check_budget: {format_bytes(budget)} is below the floor extrapolated from "
-                  f"{chk.traced_layers} layers ({format_bytes(floor)}); tracing all {L} layers to decide "
-                  f"(minutes on a CPU for a 1.5B model)", flush=True)
+                  f"{chk.traced_layers} layers ({format_bytes(floor)}); " + (
+                      f"deciding on the trace of all {L} layers made earlier" if traced else
+                      f"tracing all {L} layers to decide (minutes on a CPU for a 1.5B model)"), flush=True)
             t0 = time.perf_counter()
             act, act_min = whole()
             chk.notes.append(f"the layer extrapolation's floor ({format_bytes(floor)}) was replaced by a trace of all "
