@@ -7,7 +7,7 @@ multiplies them by the incoming loss gradient. Traced, that multiply is
 backward two ``vocab x hidden`` copies of the LM-head weight gradient are alive (445 MiB each for
 R1-Distill-Qwen-1.5B in bf16). The pass rewrites, in the backward graph::
 
-    m = unsloth_fx.lce_grad_scale(x, s)   # x: a placeholder (a saved tensor), m's only producer
+    m = unsloth_fx.lce_grad_scale(x, s)   # x: a placeholder (a saved tensor), or alias/detach of one
     ... readers of m ...
 
 into ``unsloth_fx.scale_(x, s)`` (``x *= s``, returns nothing) followed by the same readers reading
@@ -58,15 +58,33 @@ def _ops():
     return torch.ops.unsloth_fx.lce_grad_scale.default, torch.ops.unsloth_fx.scale_.default
 
 
+# identity views: same storage, shape, strides and values
+ALIAS_OPS = ("aten.alias.default", "aten.detach.default")
+
+
+def saved_input(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The graph input ``node``'s first argument is, seen through a chain of ``aten.alias`` /
+    ``aten.detach`` nodes each read only by the next (the partitioner re-derives such views of a
+    saved tensor in the backward when the joint graph carries save/recompute tags, as a planned
+    graph does); None if it is not one."""
+    x = node.args[0] if node.args else None
+    while isinstance(x, torch.fx.Node) and x.op == "call_function" and str(x.target) in ALIAS_OPS \
+            and len(x.users) == 1 and x.args:
+        x = x.args[0]
+    return x if isinstance(x, torch.fx.Node) and x.op == "placeholder" else None
+
+
 def match(node: torch.fx.Node) -> bool:
-    """Whether ``node`` is ``lce_grad_scale(x, s)`` with ``x`` a graph input (a saved tensor)
-    read by nothing else, ``s`` 0-d, and the result of ``x``'s shape and dtype."""
+    """Whether ``node`` is ``lce_grad_scale(x, s)`` with ``x`` a graph input (a saved tensor), or an
+    identity-view chain of one (:func:`saved_input`), read by nothing else, ``s`` 0-d, and the
+    result of ``x``'s shape and dtype."""
     if node.op != "call_function" or str(node.target) != SCALE_OP or len(node.args) != 2:
         return False
     x, s = node.args
     if not (isinstance(x, torch.fx.Node) and isinstance(s, torch.fx.Node)):
         return False
-    if x.op != "placeholder" or len(x.users) != 1:
+    x = saved_input(node)
+    if x is None or len(x.users) != 1:
         return False
     vx, vs, vm = x.meta.get("val"), s.meta.get("val"), node.meta.get("val")
     if not all(isinstance(v, torch.Tensor) for v in (vx, vs, vm)) or vs.dim() != 0:
@@ -84,7 +102,8 @@ def inplace_saved_grad_scale(gm: torch.fx.GraphModule, ctx: PassContext) -> Pass
     for node in list(graph.nodes):
         if not match(node):
             continue
-        x, s = node.args
+        arg, s = node.args
+        x = saved_input(node)
         with graph.inserting_before(node):
             new = graph.call_function(_ops()[1], (x, s))
         # returns nothing (no meta["val"]); the scaled value's readers read x, after it in graph order
@@ -92,6 +111,10 @@ def inplace_saved_grad_scale(gm: torch.fx.GraphModule, ctx: PassContext) -> Pass
         ufx(new).notes["in_place_scale_of"] = x.name
         node.replace_all_uses_with(x)
         graph.erase_node(node)
+        while arg is not x and not arg.users:  # the alias chain (identity views) is dead now
+            nxt = arg.args[0]
+            graph.erase_node(arg)
+            arg = nxt
         v = x.meta["val"]
         nbytes += v.numel() * v.element_size()
         rewritten.append(f"{new.name}: {x.name}")

@@ -132,3 +132,54 @@ def test_inductor_lowering_scales_in_place_and_matches():
     on = _run(WITH, lower="inductor")
     assert backend.LAST["ctx"].stats["backward"]["inplace_saved_grad_scale"]["rewritten"] == 2
     _assert_identical(off, on)
+
+
+def _planned_backward(joint, nfwd):
+    from unsloth_fx.memory import schedule as S
+
+    dec = S.solve(joint, nfwd, 2**62, S.DeviceModel(offload=False), force_recompute=True)
+    g = torch.fx.GraphModule(joint, joint.graph)
+    S._tag(g, dec)
+    return dec, M.partition(g, nfwd)[1]
+
+
+def _scales(bw):
+    return [n for n in bw.graph.nodes if str(n.target) == "unsloth_fx.lce_grad_scale.default"]
+
+
+@pytest.mark.parametrize("source", ["backend", "planner_trace"])
+def test_a_planned_graph_is_scaled_in_place_through_the_partitioners_views(source):
+    # With save/recompute tags on the joint graph (what plan_memory leaves), the partitioner re-derives
+    # identity views of the saved gradients in the backward: lce_grad_scale reads detach(detach(saved))
+    # (the backend's eager lowering) or alias(alias(saved)) (the planner's trace of the product path).
+    # The pass and the memory model must see through them (before: a second vocab x hidden buffer, 1 GiB
+    # on R1-Distill-Qwen-7B, in every planned graph).
+    from unsloth_fx.memory import schedule as S
+
+    if source == "backend":
+        _run(WITH)
+        joint, ctx = backend.LAST["joint"], backend.LAST["ctx"]
+        nfwd, rows = ctx.num_fwd_outputs, ctx.params
+        st = M.static_from_graph(joint, "adamw", False, rows)
+        view = "aten.detach.default"
+    else:
+        from unsloth_fx.memory.whole import _set_lower, trace_step
+
+        tr = trace_step(build_model("tiny-qwen2", device="meta"), 1, 64, torch.bfloat16, 4, "inductor")
+        joint, nfwd, ctx = tr.joint, tr.nfwd, backend.LAST["ctx"]
+        st = _set_lower(M.static_breakdown(tr.rows, "int4/int4", True), "inductor")
+        view = "aten.alias.default"
+    dec, bw = _planned_backward(joint, nfwd)
+    scales = _scales(bw)
+    assert len(scales) == 2
+    assert any(str(n.args[0].target) == view for n in scales)  # the case under test
+    tl = S._predict_tagged(joint, nfwd, st, dec)
+    assert not [e for e in tl.events if e.kind == "alloc" and e.node.startswith("lce_grad_scale")]
+    res = get_pass("inplace_saved_grad_scale").run(bw, ctx)
+    assert res.stats["rewritten"] == 2
+    FileCheck().check_count("torch.ops.unsloth_fx.scale_.default", 2, exactly=True).check_not(
+        "lce_grad_scale").run(res.graph_module.code)
+    new = [n for n in res.graph_module.graph.nodes if n.target == torch.ops.unsloth_fx.scale_.default]
+    assert all(n.args[0].op == "placeholder" for n in new)
+    # the dead view chains are gone: nothing views the scaled inputs any more
+    assert not [u for n in new for u in n.args[0].users if str(u.target) == view]

@@ -129,15 +129,16 @@ def test_fused_update_frees_each_gradient_after_its_last_read():
     # grouped (the pass's default cap, 64 MiB): both gradients wait for the one group call
     grouped_static = M.static_from_graph(joint, "int8", fuse_optimizer=True)
     assert _live_grads(M.predict(joint, nfwd, grouped_static, how="default")) == (768 * KiB, 0)
-    assert grouped_static.optimizer_temp == 768 * KiB + 128 * KiB
+    assert grouped_static.optimizer_temp == 768 * KiB  # the group's gradients; the update itself allocates none
     # a cap under both gradients' sum: one group each again
     assert _live_grads(M.predict(joint, nfwd, M.static_from_graph(joint, "int8", fuse_optimizer=True,
                                                                    fuse_group_bytes=700 * KiB),
                                  how="default")) == (512 * KiB, 0)
-    # each update allocates its isfinite mask (1 B/element, int8 tier) then frees the gradient
+    # an int8-tier update allocates nothing of its own (the non-finite check reads a 0-d norm, no
+    # isfinite mask): the gradient is the largest thing in flight
     ups = [e for e in fused.events if e.node.startswith("fused update") and e.kind == "alloc"]
-    assert sorted(e.bytes for e in ups) == [64 * KiB, 128 * KiB]
-    assert fused_static.gradients == 0 and fused_static.optimizer_temp == 512 * KiB + 128 * KiB
+    assert sum(e.bytes for e in ups) == 0
+    assert fused_static.gradients == 0 and fused_static.optimizer_temp == 512 * KiB
     # w2's gradient (mm_2) is final before mm_3 = tangent @ t(w2) runs; the update waits for that read
     bw = [(e.node, e.kind) for e in fused.events if e.phase == "backward"]
     assert bw.index(("mm_2", "alloc")) < bw.index(("mm_3", "alloc")) < bw.index(("fused update mm_2", "alloc")) \

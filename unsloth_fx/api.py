@@ -266,8 +266,20 @@ def _floor_ext(vals: list[tuple[int, list[int | None]]], ext) -> tuple[int, int]
     lowest candidate peaks at a point recompute cannot lower (r1-distill-qwen-1.5b, seq 2048, int4
     tiers, fused: 7.06 GiB extrapolated, 6.39 GiB traced whole): :func:`check_budget` then traces
     the whole model before refusing."""
+    from unsloth_fx.memory.whole import OFFLOAD_CANDIDATE
+
     act = ext([v[0] for v in vals])
-    return act, min(ext([min(c for c in v[1] if c is not None) for v in vals]), act)
+    return act, min(ext([min(c for c in v[1][:OFFLOAD_CANDIDATE] if c is not None) for v in vals]), act)
+
+
+def _offload_ext(vals: list[tuple[int, list[int | None]]], ext) -> int | None:
+    """The offload candidate's bytes above resident, extrapolated over layers as :func:`_floor_ext`
+    does. Not conservative (what offload keeps on the device need not grow linearly with the
+    layers): only a hint of whether a trace of all layers is worth making. None: no candidate."""
+    from unsloth_fx.memory.whole import OFFLOAD_CANDIDATE
+
+    offs = [v[1][OFFLOAD_CANDIDATE] if len(v[1]) > OFFLOAD_CANDIDATE else None for v in vals]
+    return None if any(o is None for o in offs) else ext(offs)
 
 
 def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | torch.optim.Optimizer = "hybrid_adam",
@@ -355,17 +367,20 @@ def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | t
         if moe:
             vals = [_activation_floor(model, c, batch_size, seq_len, **fk) for c in ((1, 1), (1, 2))]
             vals.append(_activation_floor(model, (2, 1), batch_size, seq_len, **fk) if dense > 1 else vals[0])
-            act, act_min = _floor_ext(vals, lambda x: x[0] + (dense - 1) * (x[2] - x[0]) + (moe - 1) * (x[1] - x[0]))
+            ext = lambda x: x[0] + (dense - 1) * (x[2] - x[0]) + (moe - 1) * (x[1] - x[0])  # noqa: E731
             chk.traced_layers, chk.extrapolated = [2, 3], True
         else:
             vals = [_activation_floor(model, (n, 0), batch_size, seq_len, **fk) for n in (1, 2)]
-            act, act_min = _floor_ext(vals, lambda x: x[0] + (L - 1) * (x[1] - x[0]))
+            ext = lambda x: x[0] + (L - 1) * (x[1] - x[0])  # noqa: E731
             chk.traced_layers, chk.extrapolated = [1, 2], True
+        act, act_min = _floor_ext(vals, ext)
+        off = _offload_ext(vals, ext)
         floor = max(resident + min(act, act_min), opt_peak)
         # the extrapolation refuses a budget the whole graph may fit (full traces came in at 0.66x to
-        # 0.84x of its activation floor on the models checked): decide on all layers, unless even half
-        # that floor is over
-        if budget is not None and floor > budget >= max(resident + min(act, act_min) // 2, opt_peak):
+        # 0.84x of its activation floor on the models checked, and offload lowers it further): decide on
+        # all layers, unless even half that floor (or half the offload candidate's extrapolation) is over
+        hint = min(act, act_min) if off is None else min(act, act_min, max(off, 0))
+        if budget is not None and floor > budget >= max(resident + hint // 2, opt_peak):
             traced = _trace_key(model, (dense, moe), batch_size, seq_len, chunks, lower) in fk["cache"]
             print(f"unsloth_fx.check_budget: {format_bytes(budget)} is below the floor extrapolated from "
                   f"{chk.traced_layers} layers ({format_bytes(floor)}); " + (

@@ -294,10 +294,17 @@ def _temps_with_grads(s: Static, params: Iterable[tuple]) -> list[tuple[int, int
 
 def _hybrid_step_temp(tier: str, numel: int, dtype: torch.dtype, sizes: tuple[int, ...],
                       check_finite: bool = True) -> int:
-    """Bytes one HybridAdamW parameter update allocates besides the gradient: the
-    ``isfinite(grad)`` mask (1 B/element) with ``check_finite``, and for the hybrid
-    tier's first step the scratch copies of the parameter and its state."""
-    temp = round_block(numel) if check_finite else 0
+    """Bytes one HybridAdamW parameter update allocates besides the gradient: for the hybrid
+    tier's first step, the scratch copies of the parameter and its state; otherwise none.
+
+    ``check_finite`` costs no temporary: the update reads the gradient's fp32 L2 norm (one
+    reduction, a 0-d result) instead of an ``isfinite(grad)`` mask. On CUDA the norm of a
+    bf16/fp16 gradient accumulates in fp32 without a converted copy (torch's mixed-precision
+    reduction); on a CPU torch converts first (4 B/element), which this CUDA model does not
+    count. (Until the seventh session this charged a 1 B/element mask the runtime stopped
+    allocating in the first session.)"""
+    del check_finite  # kept in the signature: callers pass the policy's setting
+    temp = 0
     if tier == "hybrid":
         temp += round_block(numel * _itemsize(dtype)) + sum(round_block(b) for b in sizes)
     return temp
@@ -710,9 +717,9 @@ def inductor_inlined(nodes: list[torch.fx.Node], storage: Any, pinned: set[Any])
 def _inplace_scaled(bw: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
     """Backward nodes the ``inplace_saved_grad_scale`` pass will turn into an in-place scale of
     their saved input: {node name: that input (a placeholder)}. The pass's own matcher."""
-    from unsloth_fx.passes.inplace_saved_grad_scale import match
+    from unsloth_fx.passes.inplace_saved_grad_scale import match, saved_input
 
-    return {n.name: n.args[0] for n in bw.graph.nodes if match(n)}
+    return {n.name: saved_input(n) for n in bw.graph.nodes if match(n)}
 
 
 class _Walker:

@@ -145,6 +145,23 @@ def _recomputable(n: torch.fx.Node) -> bool:
     return True
 
 
+_KEEP_SAVED_OPS = ("unsloth_fx.linear_cross_entropy.default",)
+
+
+def _must_save(n: torch.fx.Node) -> bool:
+    """Outputs of the fused LM head + cross-entropy op (its loss and the gradients it computes in
+    the forward), and the op itself. They are made at the end of the forward and first read at the
+    start of the backward, so recomputing or offloading them lowers no peak; and only a *saved*
+    gradient is scaled in place by ``inplace_saved_grad_scale``: recomputed (the LM head's matmuls
+    again) or reloaded, the scale makes a second ``vocab x hidden`` buffer (1 GiB for
+    R1-Distill-Qwen-7B)."""
+    if str(n.target) in _KEEP_SAVED_OPS:
+        return True
+    if getattr(n.target, "__name__", "") == "getitem" and n.args and isinstance(n.args[0], torch.fx.Node):
+        return str(n.args[0].target) in _KEEP_SAVED_OPS
+    return False
+
+
 def _tag(joint: torch.fx.GraphModule, decisions: dict[str, str]) -> None:
     policy = _compat.checkpoint_policy()
     for n in joint.graph.nodes:
@@ -226,9 +243,9 @@ def solve(joint: torch.fx.GraphModule, num_fwd_outputs: int, limit: int, dev: De
         # a view costs its base's bytes when kept (it keeps the base alive)
         size[i] = round_block(storage_size(base.meta["val"]).nbytes)
         cost[i] = node_seconds(n, dev)
-        if not _recomputable(n):
+        if not _recomputable(n) or _must_save(n):
             can_rec[i] = 0
-        if n.name in windows and base is n and offloadable(n):
+        if n.name in windows and base is n and offloadable(n) and not _must_save(n):
             can_off[i] = 1
             transfer[i] = transfer_seconds(size[i], dev)
             exposed[i] = exposed_seconds(size[i], windows[n.name], dev)
@@ -310,23 +327,34 @@ def minimum_plan(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Stat
     Recomputing everything is not always the lowest peak: recomputed values are
     alive together in backward. Candidates: no tags (the partitioner's own choice),
     keep the fewest bytes, and the time-optimal MILP at 1/2 and 1/4 of the
-    baseline's saved bytes, all without offload (an upper bound on the minimum
-    with it)."""
+    baseline's saved bytes, all without offload; with ``dev.offload``, also
+    :func:`offload_minimum` (the fewest device bytes kept, offload free). Each is a
+    plan :func:`plan` reaches: it falls back to no-offload plans, then to
+    :func:`offload_minimum` itself."""
     base = predict(joint, num_fwd_outputs, static)
     best: tuple[dict[str, str], Timeline] = ({}, base)
-    # without offload: plan() falls back to no-offload plans, so this minimum is one it can reach
-    # (with offload the minimum may be lower, and is not linear in the layer count, which the
-    # CLI's extrapolation from small variants relies on)
-    dev = replace(dev, offload=False)
-    cands = [solve(joint, num_fwd_outputs, 2**62, dev, force_recompute=True)]
-    cands += [solve(joint, num_fwd_outputs, int(base.saved_bytes * f), dev) for f in (0.5, 0.25)]
-    for dec in cands:
+    plain = replace(dev, offload=False)
+    cands = [(solve(joint, num_fwd_outputs, 2**62, plain, force_recompute=True), plain)]
+    cands += [(solve(joint, num_fwd_outputs, int(base.saved_bytes * f), plain), plain) for f in (0.5, 0.25)]
+    if dev.offload:
+        cands.append((offload_minimum(joint, num_fwd_outputs, dev), dev))
+    for dec, d in cands:
         if not dec:
             continue
-        tl = _predict_tagged(joint, num_fwd_outputs, static, dec, dev)
+        tl = _predict_tagged(joint, num_fwd_outputs, static, dec, d)
         if tl.peak < best[1].peak:
             best = (dec, tl)
     return best
+
+
+def offload_minimum(joint: torch.fx.GraphModule, num_fwd_outputs: int, dev: DeviceModel) -> dict[str, str] | None:
+    """Decisions that keep the fewest bytes on the device across the forward-backward gap,
+    offload allowed (and free: this ignores time), recompute for the rest: the lowest-memory
+    plan with offload, for budgets the time-optimal rounds of :func:`plan` cannot reach.
+    None without ``dev.offload`` or when the solve finds nothing."""
+    if not dev.offload:
+        return None
+    return solve(joint, num_fwd_outputs, 2**62, dev, force_recompute=True)
 
 
 class _OffloadWalker(_Walker):
@@ -444,6 +472,15 @@ def plan(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Static, budg
             return plan(joint, num_fwd_outputs, static, budget, replace(dev, offload=False), max_rounds)
         except InfeasibleBudget:
             pass
+        # last: the fewest device bytes with offload, whatever the transfers cost (slower, but it
+        # is the only plan that fits; minimum_plan counts it, so the floor it reports is reachable)
+        dec = offload_minimum(joint, num_fwd_outputs, dev)
+        if dec:
+            tl, done = _predict_tagged_offload(joint, num_fwd_outputs, static, dec, dev)
+            if tl.peak <= budget:
+                best = (dec, tl, done)
+                p.warnings.append("planned with the fewest device bytes (offload wherever it can, recompute the "
+                                  "rest): the time-optimal plans did not fit the budget")
     if best is None:
         _, mtl = minimum_plan(joint, num_fwd_outputs, static, dev)
         bd, text = _breakdown(static, mtl)

@@ -176,6 +176,7 @@ class Variant:
     candidates: list[M.Timeline | None] = field(default_factory=list)  # minimum_candidates(): base first
     chunking: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    offload_minimum: M.Timeline | None = None  # the offload candidate (not in ``minimum``: see _variant)
 
     def act(self, tl: M.Timeline) -> int:
         """Peak bytes outside the optimizer step above the resident bytes (gradients in flight included)."""
@@ -245,35 +246,48 @@ def _variant(name: str, counts: tuple[int, int], batch: int, seq: int, dtype, op
     st = _set_lower(M.static_breakdown(tr.rows, optimizer, fuse), lower)
     st.inputs = M.inputs_bytes(tr.joint)
     cands = minimum_candidates(tr.joint, tr.nfwd, st, dev)
-    base, mn = cands[0], min((c for c in cands if c is not None), key=lambda t: t.peak)
+    # ``minimum`` leaves the offload candidate out: it is extrapolated over layers, and what offload
+    # keeps on the device need not grow linearly; a whole-model trace adds it (estimate)
+    base = cands[0]
+    mn = min((c for c in cands[:OFFLOAD_CANDIDATE] if c is not None), key=lambda t: t.peak)
     if progress:
         what = f"{dense} dense + {moe} MoE layer(s)" if moe else f"{dense} layer(s)"
         progress(f"  traced {what} at seq {seq}: {tr.nodes} nodes, {tr.seconds:.1f} s"
                  + (f" (chunked: {', '.join(f'{k} x{v}' for k, v in tr.chunking.items() if v)})"
                     if any(tr.chunking.values()) else "")
                  + f"; activation peak {format_bytes(_noopt_peak(base) - st.resident)}")
-    return Variant(counts, st, base, mn, tr.joint, tr.nfwd, cands, tr.chunking, tr.notes)
+    return Variant(counts, st, base, mn, tr.joint, tr.nfwd, cands, tr.chunking, tr.notes,
+                   cands[OFFLOAD_CANDIDATE] if len(cands) > OFFLOAD_CANDIDATE else None)
 
 
 def minimum_decisions(joint: Any, nfwd: int, saved_bytes: int, dev: S.DeviceModel) -> list:
     """The solver decisions behind :func:`minimum_candidates` (keep the fewest bytes; the MILP at 1/2
-    and 1/4 of ``saved_bytes``, the all-saved plan's saved bytes). They depend on the graph, not on
+    and 1/4 of ``saved_bytes``, the all-saved plan's saved bytes; all three without offload; then,
+    with ``dev.offload``, ``schedule.offload_minimum``, else None). They depend on the graph, not on
     the optimizer, so a caller checking several optimizer policies solves once per graph."""
-    dev = dataclasses.replace(dev, offload=False)  # as minimum_plan: a plan() can reach it
-    decs = [S.solve(joint, nfwd, 2**62, dev, force_recompute=True)]
-    return decs + [S.solve(joint, nfwd, int(saved_bytes * f), dev) for f in (0.5, 0.25)]
+    plain = dataclasses.replace(dev, offload=False)  # as minimum_plan: a plan() can reach each
+    decs = [S.solve(joint, nfwd, 2**62, plain, force_recompute=True)]
+    decs += [S.solve(joint, nfwd, int(saved_bytes * f), plain) for f in (0.5, 0.25)]
+    return decs + [S.offload_minimum(joint, nfwd, dev)]
+
+
+# minimum_candidates' index of the offload candidate: a floor extrapolated over layers leaves it out
+# (what fits on the device with offload need not grow linearly with the layers)
+OFFLOAD_CANDIDATE = 4
 
 
 def minimum_candidates(joint: Any, nfwd: int, st: M.Static, dev: S.DeviceModel,
                        decisions: list | None = None) -> list[M.Timeline | None]:
     """The timelines ``schedule.minimum_plan`` chooses among, in a fixed order (all saved; keep the
-    fewest bytes; the MILP at 1/2 and 1/4 of the saved bytes; None where a solve gave no plan). The
-    first with the lowest peak is ``minimum_plan``'s. ``decisions``: :func:`minimum_decisions` of
-    this graph, if already solved."""
+    fewest bytes; the MILP at 1/2 and 1/4 of the saved bytes; the fewest device bytes with offload,
+    at :data:`OFFLOAD_CANDIDATE`; None where a solve gave no plan or offload is off). The first
+    with the lowest peak is ``minimum_plan``'s. ``decisions``: :func:`minimum_decisions` of this
+    graph, if already solved."""
     base = M.predict(joint, nfwd, st)
     decs = decisions if decisions is not None else minimum_decisions(joint, nfwd, base.saved_bytes, dev)
-    dev = dataclasses.replace(dev, offload=False)
-    return [base] + [S._predict_tagged(joint, nfwd, st, d, dev) if d else None for d in decs]
+    plain = dataclasses.replace(dev, offload=False)
+    devs = [plain] * (OFFLOAD_CANDIDATE - 1) + [dev]
+    return [base] + [S._predict_tagged(joint, nfwd, st, d, v) if d else None for d, v in zip(decs, devs)]
 
 
 def full_static(name: str, dtype, optimizer: Any, fuse: bool, batch: int, seq: int,
@@ -309,6 +323,8 @@ def estimate(name: str, *, batch: int = 1, seq: int = 2048, dtype=torch.bfloat16
     opt_peak = st.resident + st.gradients + st.optimizer_temp
     if full or L <= 3:
         v = _variant(name, (n_dense, n_moe), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks, lower, overrides)
+        if v.offload_minimum is not None and v.offload_minimum.peak < v.minimum.peak:
+            v.minimum = v.offload_minimum  # the whole model: offload's floor counts (plan() reaches it)
         act_base, act_min, last, extrap, traced = v.act(v.base), v.act(v.minimum), v, False, [v.counts]
         acts = (v.act_only(v.base), v.act_only(v.minimum))
     else:
