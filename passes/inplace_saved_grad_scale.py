@@ -62,21 +62,37 @@ def _ops():
 ALIAS_OPS = ("aten.alias.default", "aten.detach.default")
 
 
+LCE_OP = "unsloth_fx.linear_cross_entropy.default"
+
+
+def _recomputed_lce_output(x: torch.fx.Node) -> bool:
+    """``x`` is an output (a getitem) of ``linear_cross_entropy`` run again in this backward graph (a
+    plan recomputed it): a fresh buffer of its own, which the scale may overwrite like a saved one."""
+    if x.op != "call_function" or getattr(x.target, "__name__", "") != "getitem" or not x.args:
+        return False
+    src = x.args[0]
+    return isinstance(src, torch.fx.Node) and str(src.target) == LCE_OP
+
+
 def saved_input(node: torch.fx.Node) -> torch.fx.Node | None:
-    """The graph input ``node``'s first argument is, seen through a chain of ``aten.alias`` /
+    """The tensor ``node``'s first argument is, seen through a chain of ``aten.alias`` /
     ``aten.detach`` nodes each read only by the next (the partitioner re-derives such views of a
     saved tensor in the backward when the joint graph carries save/recompute tags, as a planned
-    graph does); None if it is not one."""
+    graph does), when it is a graph input (a saved tensor) or an output of the fused LM-head op
+    recomputed in this graph; None otherwise."""
     x = node.args[0] if node.args else None
     while isinstance(x, torch.fx.Node) and x.op == "call_function" and str(x.target) in ALIAS_OPS \
             and len(x.users) == 1 and x.args:
         x = x.args[0]
-    return x if isinstance(x, torch.fx.Node) and x.op == "placeholder" else None
+    if not isinstance(x, torch.fx.Node):
+        return None
+    return x if x.op == "placeholder" or _recomputed_lce_output(x) else None
 
 
 def match(node: torch.fx.Node) -> bool:
-    """Whether ``node`` is ``lce_grad_scale(x, s)`` with ``x`` a graph input (a saved tensor), or an
-    identity-view chain of one (:func:`saved_input`), read by nothing else, ``s`` 0-d, and the
+    """Whether ``node`` is ``lce_grad_scale(x, s)`` with ``x`` a graph input (a saved tensor) or a
+    recomputed output of the LM-head op, or an identity-view chain of one (:func:`saved_input`),
+    read by nothing else, ``s`` 0-d, and the
     result of ``x``'s shape and dtype."""
     if node.op != "call_function" or str(node.target) != SCALE_OP or len(node.args) != 2:
         return False

@@ -108,12 +108,57 @@ def test_ladder_traces_once_and_credits_the_chunking_passes(monkeypatch):
     assert any("chunked LM head" in a for a in rep["assumptions"])
     # the chunked trace's floor is below the unchunked one (no [tokens, vocab] fp32 logits: 4 MiB at 2 x 1024)
     # (eager timeline: every node materialized, as the figure above assumes)
-    kw = dict(optimizer="hybrid", seq_len=1024, batch_size=2, fuse_optimizer=False, lower="eager")
+    # (without offload: offloading the logits would lower the unchunked floor too)
+    kw = dict(optimizer="hybrid", seq_len=1024, batch_size=2, fuse_optimizer=False, lower="eager", offload=False)
     plain, chunked = check_budget(model, None, **kw), check_budget(model, None, chunks=8, **kw)
     assert chunked.smallest_feasible + 4 * 2**20 <= plain.smallest_feasible
     # under Inductor's lowering (the check's default) the fp32 loss chain is fused; chunking still lowers the floor
-    kw["lower"] = "inductor"
+    # (at 2 x 2048 tokens: at 2 x 1024 both floors round to the same MiB since the planner may no longer
+    # recompute the fused LM head's outputs, seventh session)
+    kw.update(lower="inductor", seq_len=2048)
     plain, chunked = check_budget(model, None, **kw), check_budget(model, None, chunks=8, **kw)
     assert chunked.smallest_feasible < plain.smallest_feasible
     assert api.planner_optimizer_key(model, HybridAdamW(model.named_parameters(), state_precision="int4",
                                                         high_precision_tier="bf16")) == "int4/bf16"
+
+
+def test_ladder_counts_offload_only_when_no_tier_fits_without_it():
+    # tiny-qwen2 at 3 layers (traced whole), seq 512: a budget under every tier's floor without offload but
+    # over int4/int4's with it. The first pass (no offload) refuses every tier; the second picks the most
+    # precise tier that fits with offload, and says so. A budget that fits without offload never gets there.
+    model = _tiny(num_hidden_layers=3)
+    kw = dict(seq_len=512, batch_size=1, fuse_optimizer=True, lower="inductor", chunks=4)
+    floors = {off: check_budget(model, None, optimizer="int4/int4", offload=off, **kw).smallest_feasible
+              for off in (False, True)}
+    assert floors[True] < floors[False]
+    target = floors[True]
+    with pytest.raises(InfeasibleBudget):
+        check_budget(model, target, optimizer="int4/int4", offload=False, **kw)
+    pol = api.choose_tier_policy(model, target, offload=True, **kw)
+    assert [t["policy"] for t in pol["tried"] if not t["offload"]] == [p for p, *_ in TIER_LADDER]
+    assert not any(t["fits"] for t in pol["tried"] if not t["offload"])
+    assert pol["tried"][-1]["offload"] is True and pol["tried"][-1]["fits"] is True
+    assert "offload" in pol["why"]
+    # plan_memory{offload=false}: the ladder never counts offload, so nothing fits
+    with pytest.raises(InfeasibleBudget):
+        api.choose_tier_policy(model, target, offload=False, **kw)
+    # a budget that fits without offload: the first pass decides
+    easy = api.choose_tier_policy(model, floors[False], offload=True, **kw)
+    assert not any(t["offload"] for t in easy["tried"])
+
+
+def test_check_reserves_the_cuda_workspaces_plan_memory_reserves(monkeypatch):
+    # plan_memory adds CUDA_WORKSPACE_RESERVE to a CUDA step's static bytes; a check without it accepted budgets
+    # the compile then refused (a budget within 64 MiB of the floor). On CPU the reserve is 0; stand in for CUDA.
+    from unsloth_fx.passes.plan_memory import CUDA_WORKSPACE_RESERVE
+
+    model = _tiny()
+    kw = dict(optimizer="int4/int4", seq_len=64, fuse_optimizer=True)
+    assert api._workspace_reserve(model) == 0
+    cpu = check_budget(model, None, **kw)
+    monkeypatch.setattr(api, "_workspace_reserve", lambda m: CUDA_WORKSPACE_RESERVE)
+    cuda = check_budget(model, None, **kw)
+    assert cuda.smallest_feasible == cpu.smallest_feasible + CUDA_WORKSPACE_RESERVE
+    assert cuda.static_peak == cpu.static_peak + CUDA_WORKSPACE_RESERVE
+    with pytest.raises(InfeasibleBudget, match="CUDA library workspaces 64.00 MiB"):
+        check_budget(model, cpu.smallest_feasible, **kw)

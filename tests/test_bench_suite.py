@@ -97,6 +97,17 @@ def test_worker_records_oom_and_crash_with_the_last_error_line(tmp_path, monkeyp
     rec = json.load(open(tmp_path / "r.json"))
     assert rec == {"status": "crash", "error": "RuntimeError: the real reason"}
 
+    def backend_failed(_cfg):  # the layout of torch's BackendCompilerFailed message: the cause, then advice
+        raise RuntimeError("backend='unsloth' raised:\nInfeasibleBudget: memory_budget=7.00 GiB ...\n\n"
+                           "Set TORCHDYNAMO_VERBOSE=1 for the internal stack trace (please do this especially "
+                           "if you're reporting a bug to PyTorch). For even more developer context, set "
+                           "TORCH_LOGS=\"+dynamo\"\n")
+
+    monkeypatch.setattr(bench, "run_variant", backend_failed)
+    bench._worker(str(tmp_path / "c.json"))
+    rec = json.load(open(tmp_path / "r.json"))
+    assert rec["status"] == "crash" and "InfeasibleBudget: memory_budget=7.00 GiB" in rec["error"], rec
+
 
 def test_an_amb_variant_in_process_sets_torchs_knob_for_its_compile_and_puts_it_back(monkeypatch):
     # in-process (as here), a leaked activation_memory_budget would reach every later compile of the process

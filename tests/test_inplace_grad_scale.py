@@ -180,6 +180,32 @@ def test_a_planned_graph_is_scaled_in_place_through_the_partitioners_views(sourc
     FileCheck().check_count("torch.ops.unsloth_fx.scale_.default", 2, exactly=True).check_not(
         "lce_grad_scale").run(res.graph_module.code)
     new = [n for n in res.graph_module.graph.nodes if n.target == torch.ops.unsloth_fx.scale_.default]
-    assert all(n.args[0].op == "placeholder" for n in new)
+    # a saved tensor, or (where the plan recomputes the LM-head op) its recomputed output
+    assert all(n.args[0].op == "placeholder" or str(n.args[0].args[0].target) == "unsloth_fx.linear_cross_entropy"
+               ".default" for n in new)
     # the dead view chains are gone: nothing views the scaled inputs any more
     assert not [u for n in new for u in n.args[0].users if str(u.target) == view]
+
+
+def test_a_recomputed_lm_head_op_is_scaled_in_place_too():
+    # A plan may recompute the fused LM-head op in the backward (the fewest-bytes plans do): its outputs
+    # are then fresh buffers of the backward graph, read only by the scale, and scaled in place like saved
+    # ones (before: a recomputed vocab x hidden gradient plus its scaled copy, 2 GiB on R1-Distill-Qwen-7B).
+    from unsloth_fx.memory import schedule as S
+    from unsloth_fx.memory.whole import _set_lower, trace_step
+
+    tr = trace_step(build_model("tiny-qwen2", device="meta"), 1, 64, torch.bfloat16, 4, "inductor")
+    lce = next(n for n in tr.joint.graph.nodes if str(n.target) == "unsloth_fx.linear_cross_entropy.default")
+    dec = {lce.name: "recompute", **{u.name: "recompute" for u in lce.users}}
+    g = torch.fx.GraphModule(tr.joint, tr.joint.graph)
+    S._tag(g, dec)
+    _, bw = M.partition(g, tr.nfwd)
+    assert any(str(n.target) == "unsloth_fx.linear_cross_entropy.default" for n in bw.graph.nodes)  # recomputed
+    assert len(_scales(bw)) == 2
+    st = _set_lower(M.static_breakdown(tr.rows, "int4/int4", True), "inductor")
+    tl = S._predict_tagged(tr.joint, tr.nfwd, st, dec)
+    assert not [e for e in tl.events if e.kind == "alloc" and e.node.startswith("lce_grad_scale")]
+    res = get_pass("inplace_saved_grad_scale").run(bw, backend.LAST["ctx"] if backend.LAST.get("ctx") else None)
+    assert res.stats["rewritten"] == 2
+    new = [n for n in res.graph_module.graph.nodes if n.target == torch.ops.unsloth_fx.scale_.default]
+    assert all(str(n.args[0].args[0].target) == "unsloth_fx.linear_cross_entropy.default" for n in new)

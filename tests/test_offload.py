@@ -264,3 +264,48 @@ def test_offloaded_activation_survives_inductor_reusing_its_buffer_over_steps():
         for g, r in zip(got, [ref.detach(), a.grad, b.grad]):
             torch.testing.assert_close(g, r, rtol=2e-3, atol=1e-3, msg=lambda m: f"step {i + 1}: {m}")
     assert backend.LAST["ctx"].stats["forward"]["offload_activations"]["offloaded"] == ["relu"]
+
+
+# ---------------------------------------------------------------- the floor with offload
+
+
+def _tiny_qwen2_step(layers=4, seq=512):
+    from unsloth_fx.memory.whole import _set_lower, trace_step
+    from unsloth_fx.zoo import build_model
+
+    tr = trace_step(build_model("tiny-qwen2", device="meta", num_hidden_layers=layers), 1, seq, torch.bfloat16, 4,
+                    "inductor")
+    st = _set_lower(M.static_breakdown(tr.rows, "int4/int4", True), "inductor")
+    st.inputs = M.inputs_bytes(tr.joint)
+    return tr.joint, tr.nfwd, st
+
+
+def test_offload_lowers_the_floor_and_plan_reaches_it():
+    # tiny-qwen2, 4 layers, seq 512: recompute alone cannot go under the all-saved peak (3.36 MB above
+    # resident); offloading every saved activation it can goes to about half of it. The floor minimum_plan
+    # reports with offload must be a budget plan() accepts, also when its time-optimal rounds find nothing
+    # (max_rounds=0 here): its last resort is offload_minimum itself.
+    from unsloth_fx.memory.whole import OFFLOAD_CANDIDATE, minimum_candidates
+
+    joint, nfwd, st = _tiny_qwen2_step()
+    plain, dev = S.DeviceModel(offload=False), S.DeviceModel()
+    _, without = S.minimum_plan(joint, nfwd, st, plain)
+    dec, with_off = S.minimum_plan(joint, nfwd, st, dev)
+    assert with_off.peak < without.peak - (without.peak - st.resident) // 3
+    assert "offload" in dec.values() and dec == S.offload_minimum(joint, nfwd, dev)
+    assert S.offload_minimum(joint, nfwd, plain) is None
+    assert minimum_candidates(joint, nfwd, st, dev)[OFFLOAD_CANDIDATE].peak == with_off.peak
+    assert minimum_candidates(joint, nfwd, st, plain)[OFFLOAD_CANDIDATE] is None
+    budget = with_off.peak
+    with pytest.raises(S.InfeasibleBudget) as e:
+        S.plan(joint, nfwd, st, budget, plain)
+    assert e.value.smallest_feasible >= without.peak
+    for rounds in (6, 0):
+        p = S.plan(joint, nfwd, st, budget, dev, max_rounds=rounds)
+        assert p.feasible and p.timeline.peak <= budget and p.offloaded_bytes > 0
+        if rounds == 0:
+            assert any("fewest device bytes" in w for w in p.warnings)
+    # under the floor: refused, and the smallest budget it names is the offload floor
+    with pytest.raises(S.InfeasibleBudget) as e:
+        S.plan(joint, nfwd, st, budget - 2**16, dev)
+    assert budget <= e.value.smallest_feasible <= budget + 2**10

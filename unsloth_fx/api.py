@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -225,9 +226,18 @@ def _trace_key(model: torch.nn.Module, counts: tuple[int, int], batch: int, seq:
     return (id(model), counts, batch, seq, chunks, lower)
 
 
+def _workspace_reserve(model: torch.nn.Module) -> int:
+    """The bytes plan_memory reserves for CUDA library workspaces when the model is on CUDA, else 0."""
+    from unsloth_fx.passes.plan_memory import CUDA_WORKSPACE_RESERVE
+
+    p = next(model.parameters(), None)
+    return CUDA_WORKSPACE_RESERVE if p is not None and p.is_cuda else 0
+
+
 def _activation_floor(model: torch.nn.Module, counts: tuple[int, int], batch: int, seq: int, optimizer: str,
                       fuse: bool, chunks: int | None = None, cache: dict | None = None,
-                      notes: list[str] | None = None, lower: str = "inductor") -> tuple[int, list[int | None]]:
+                      notes: list[str] | None = None, lower: str = "inductor",
+                      offload: bool = True) -> tuple[int, list[int | None]]:
     """(bytes above resident at the step's peak with every activation saved, the same per minimum-plan
     candidate (``unsloth_fx.memory.whole.minimum_candidates`` order; None: no plan)). The minimum
     plan's floor is the lowest candidate; extrapolating each candidate with its own per-layer growth
@@ -237,10 +247,12 @@ def _activation_floor(model: torch.nn.Module, counts: tuple[int, int], batch: in
     ``chunks``, through the backend with the same chunking passes apply_optimizations adds; with
     ``lower``, the backend's lowering: "inductor", its default, traces with Inductor's decompositions
     and plans with its fusion, as plan_memory does). ``cache`` reuses traces across optimizer
-    policies (the trace does not depend on them)."""
+    policies (the trace does not depend on them). ``offload``: whether plan_memory may offload (else
+    the offload candidate is None)."""
     from unsloth_fx.memory import model as M
     from unsloth_fx.memory import schedule as S
-    from unsloth_fx.memory.whole import _set_lower, minimum_candidates, minimum_decisions, trace_step
+    from unsloth_fx.memory.whole import (OFFLOAD_CANDIDATE, _set_lower, minimum_candidates, minimum_decisions,
+                                         trace_step)
 
     key = _trace_key(model, counts, batch, seq, chunks, lower)
     cache = {} if cache is None else cache
@@ -255,7 +267,10 @@ def _activation_floor(model: torch.nn.Module, counts: tuple[int, int], batch: in
     dev = S.DeviceModel()
     if (key, "decisions") not in cache:  # the solves depend on the graph only: once per trace
         cache[key, "decisions"] = minimum_decisions(tr.joint, tr.nfwd, base.saved_bytes, dev)
-    cands = minimum_candidates(tr.joint, tr.nfwd, st, dev, cache[key, "decisions"])
+    decs = list(cache[key, "decisions"])
+    if not offload:
+        decs[OFFLOAD_CANDIDATE - 1] = None
+    cands = minimum_candidates(tr.joint, tr.nfwd, st, dev, decs)
     return cands[0].peak - st.resident, [None if c is None else c.peak - st.resident for c in cands]
 
 
@@ -286,7 +301,7 @@ def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | t
                  fuse_optimizer: bool = False, seq_len: int | None = None, batch_size: int = 1,
                  device_total: int | None = None, chunks: int | None = None,
                  optimizer_options: dict[str, Any] | None = None, lower: str = "inductor",
-                 _cache: dict | None = None) -> BudgetCheck:
+                 offload: bool = True, _cache: dict | None = None) -> BudgetCheck:
     """Check ``target_vram`` before training; raises ``InfeasibleBudget`` when the step cannot fit.
 
     ``target_vram``: bytes, ``"7GiB"``, a fraction of ``device_total`` or None (no check).
@@ -299,6 +314,9 @@ def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | t
     MLPs) at this many chunks: the floor is traced through those passes.
     ``lower``: the backend's lowering the compile will use ("inductor", its default, or "eager"):
     the floor is traced and planned as plan_memory does under it.
+    ``offload``: whether plan_memory may offload activations to host memory (its ``offload`` option);
+    a whole-model floor then counts the plan that keeps the fewest bytes on the device with offload,
+    which plan_memory falls back to when no faster plan fits.
 
     Models of more than 3 layers are traced at 1 and 2 layers (MoE: 1+1, 1+2, 2+1) and the
     activations extrapolated linearly. When that refuses ``target_vram`` but the static bytes plus
@@ -321,7 +339,10 @@ def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | t
         key = planner_optimizer_key(model, optimizer, optimizer_options)
     counted = optimizer if isinstance(optimizer, torch.optim.Optimizer) else key
     st = M.static_breakdown(_rows(model), counted, fuse_optimizer)
-    static_peak = st.parameters + st.buffers + st.gradients + st.optimizer_state + st.optimizer_temp
+    # plan_memory reserves the cuBLAS / cuBLASLt workspaces on CUDA (no graph node makes them): so does the check,
+    # or a budget it accepts by less than that fails the compile
+    ws = _workspace_reserve(model)
+    static_peak = st.parameters + st.buffers + st.gradients + st.optimizer_state + st.optimizer_temp + ws
     chk = BudgetCheck(budget, st.parameters + st.buffers, st.gradients, st.optimizer_state, st.optimizer_temp,
                       static_peak)
     chk.optimizer, chk.state_by_tier, chk.assumptions = st.optimizer, dict(st.state_by_tier), list(st.assumptions)
@@ -330,7 +351,8 @@ def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | t
                                "the same passes")
     temp_name = "largest gradient + its fused update" if fuse_optimizer else "optimizer step temporaries"
     text = (f"parameters {format_bytes(chk.parameters)} + gradients {format_bytes(st.gradients)} + optimizer state "
-            f"{format_bytes(st.optimizer_state)} ({st.optimizer}) + {temp_name} {format_bytes(st.optimizer_temp)}")
+            f"{format_bytes(st.optimizer_state)} ({st.optimizer}) + {temp_name} {format_bytes(st.optimizer_temp)}"
+            + (f" + CUDA library workspaces {format_bytes(ws)}" if ws else ""))
     if budget is not None and static_peak > budget:
         smallest = int(math.ceil(static_peak / 2**20) * 2**20)
         hint = "" if fuse_optimizer else "; fusing the optimizer into backward (fuse_optimizer) would drop the gradients"
@@ -352,8 +374,8 @@ def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | t
     L = dense + moe
     # the floor's own static bytes only set its resident baseline: count it with the spec
     fk = dict(optimizer=key, fuse=fuse_optimizer, chunks=chunks, cache=_cache if _cache is not None else {},
-              notes=chk.notes, lower=lower)
-    resident = st.parameters + st.buffers + st.optimizer_state
+              notes=chk.notes, lower=lower, offload=offload)
+    resident = st.parameters + st.buffers + st.optimizer_state + ws
     opt_peak = resident + st.gradients + st.optimizer_temp
 
     def whole() -> tuple[int, int]:
@@ -399,7 +421,8 @@ def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | t
             # at the peak: resident bytes + activations and the gradients alive then (all terms exact, summed)
             acts = min(act, act_min)
             terms = (f"parameters {format_bytes(chk.parameters)} + optimizer state {format_bytes(st.optimizer_state)} "
-                     f"({st.optimizer}) + minimum activations and in-flight gradients {format_bytes(acts)}")
+                     f"({st.optimizer}) + " + (f"CUDA library workspaces {format_bytes(ws)} + " if ws else "")
+                     + f"minimum activations and in-flight gradients {format_bytes(acts)}")
         else:
             acts = 0
             terms = text
@@ -489,8 +512,10 @@ def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optim
                 check_budget(model, target_vram, optimizer=first, fuse_optimizer=bool(fuse_optimizer) and grad_accum == 1,
                              seq_len=seq_len, batch_size=batch_size, device_total=_device_total(model),
                              optimizer_options=optimizer_options if first == optimizer else None,
-                             lower=lower, _cache=traces)
-                chunk_lm_head = False  # fits unchunked: keep the faster graph
+                             lower=lower, offload=False, _cache=traces)
+                # fits unchunked without offload: keep the faster graph (an unchunked step that fits only by
+                # offloading whatever it can is slower than the chunked one)
+                chunk_lm_head = False
                 print("unsloth_fx.apply_optimizations: the unchunked step fits the budget; no chunking")
             except InfeasibleBudget:
                 pass
@@ -515,9 +540,11 @@ def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optim
 
             patch_causal_lm(model)  # else the logits stay a graph output and the pass must skip the LM head
     # with gradient accumulation the fused update keeps every gradient between micro-batches
+    # plan_memory{offload=false} in a caller's pipeline: the check must not count offload either
+    offload = not re.search(r"plan_memory\{[^}]*offload=(false|0)", pipeline.replace(" ", "").lower())
     check_kw = dict(fuse_optimizer=bool(fuse_optimizer) and grad_accum == 1, seq_len=seq_len, batch_size=batch_size,
                     device_total=_device_total(model), chunks=chunks if chunking else None,
-                    lower=lower, _cache=traces)  # the lowering the compile will use
+                    lower=lower, offload=offload, _cache=traces)  # the lowering the compile will use
     policy = None
     if (check and target_vram is not None and optimizer == "hybrid_adam"
             and not any(k in optimizer_options for k in _TIER_KEYS)):
@@ -555,28 +582,38 @@ def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optim
 
 def choose_tier_policy(model: torch.nn.Module, target_vram: Any, **check_kw: Any) -> dict[str, Any]:
     """The first HybridAdamW state policy of :data:`TIER_LADDER` (most precise first) whose
-    step fits ``target_vram``, by :func:`check_budget` (``check_kw``: its keywords).
+    step fits ``target_vram``, by :func:`check_budget` (``check_kw``: its keywords): the ladder
+    without offload first, then, if none fits and ``check_kw["offload"]`` allows, with it.
 
     Returns {"chosen", "state_precision", "high_precision_tier", "why", "smallest_feasible",
-    "budget", "tried": [{"policy", "smallest_feasible", "fits"}]}; raises the last
+    "budget", "tried": [{"policy", "offload", "smallest_feasible", "fits"}]}; raises the last
     policy's ``InfeasibleBudget`` (with every policy's smallest budget) when none fits."""
     from unsloth_fx.memory.schedule import InfeasibleBudget
 
     tried: list[dict[str, Any]] = []
     last: InfeasibleBudget | None = None
-    for spec, sp, hp, why in TIER_LADDER:
-        try:
-            chk = check_budget(model, target_vram, optimizer=spec, **check_kw)
-        except InfeasibleBudget as e:
-            tried.append({"policy": spec, "smallest_feasible": e.smallest_feasible, "fits": False})
-            last = e
-            continue
-        need = chk.smallest_feasible if chk.smallest_feasible is not None else chk.static_peak
-        tried.append({"policy": spec, "smallest_feasible": need, "fits": True})
-        return {"chosen": spec, "state_precision": sp, "high_precision_tier": hp, "why": why,
-                "smallest_feasible": need, "budget": chk.budget, "tried": tried}
+    # first without offload: a tier that fits only by offloading whatever can be offloaded makes a slow
+    # step, so a less precise tier that fits with the time-optimal plans wins; offload counts only when
+    # no tier fits without it (and when plan_memory may offload)
+    passes = [False, True] if check_kw.get("offload", True) else [False]
+    for offload in passes:
+        for spec, sp, hp, why in TIER_LADDER:
+            try:
+                chk = check_budget(model, target_vram, optimizer=spec, **{**check_kw, "offload": offload})
+            except InfeasibleBudget as e:
+                tried.append({"policy": spec, "offload": offload, "smallest_feasible": e.smallest_feasible,
+                              "fits": False})
+                last = e
+                continue
+            need = chk.smallest_feasible if chk.smallest_feasible is not None else chk.static_peak
+            tried.append({"policy": spec, "offload": offload, "smallest_feasible": need, "fits": True})
+            return {"chosen": spec, "state_precision": sp, "high_precision_tier": hp,
+                    "why": why + ("" if not offload else "; fits only with offload counted (no tier fits "
+                                  "without it): the plan may offload every activation it can"),
+                    "smallest_feasible": need, "budget": chk.budget, "tried": tried}
     assert last is not None
-    listing = ", ".join(f"{t['policy']} {format_bytes(t['smallest_feasible'])}" for t in tried)
+    listing = ", ".join(f"{t['policy']}{' with offload' if t['offload'] else ''} "
+                        f"{format_bytes(t['smallest_feasible'])}" for t in tried)
     raise InfeasibleBudget(f"{last}. No HybridAdamW state policy fits; smallest feasible budget per policy "
                            f"(most precise first): {listing}", smallest_feasible=min(
                                t["smallest_feasible"] for t in tried), breakdown=last.breakdown)

@@ -242,6 +242,20 @@ def _run_variant(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# torch's advice lines that end many exception messages (BackendCompilerFailed ends with two of them)
+_HINTS = ("Set TORCHDYNAMO_VERBOSE", "For even more developer context", "You can suppress this exception",
+          "See https://", "To execute this test, run")
+
+
+def error_line(e: BaseException) -> str:
+    """The line of ``str(e)`` that says what went wrong: the last one that is not torch's advice
+    (``BackendCompilerFailed`` wraps the backend's own error, e.g. ``InfeasibleBudget: ...``, above
+    two lines of it)."""
+    lines = [t.strip() for t in str(e).splitlines() if t.strip()]
+    real = [t for t in lines if not t.startswith(_HINTS)]
+    return (real or lines or [type(e).__name__])[-1]
+
+
 def _worker(path: str) -> int:
     import faulthandler
 
@@ -253,8 +267,7 @@ def _worker(path: str) -> int:
         rec = run_variant(cfg)
     except Exception as e:  # noqa: BLE001 - classify, record, let the suite continue
         oom = type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
-        last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-        rec = {"status": "OOM" if oom else "crash", "error": f"{type(e).__name__}: {last}"[:400]}
+        rec = {"status": "OOM" if oom else "crash", "error": f"{type(e).__name__}: {error_line(e)}"[:400]}
         import traceback
 
         traceback.print_exc()

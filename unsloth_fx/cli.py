@@ -176,7 +176,9 @@ def cmd_plan(a: argparse.Namespace) -> int:
         if a.json:
             return 3
         _say(f"error: memory_budget={format_bytes(budget)} is infeasible for {a.model}; smallest feasible budget "
-             f"{format_bytes(est.feasible_min)}")
+             f"{format_bytes(est.feasible_min)}"
+             + (" (extrapolated from traced layers, without offload; --full-trace traces every layer and counts "
+                "offload, which can lower it)" if est.extrapolated else ""))
         return 3
     return 0
 

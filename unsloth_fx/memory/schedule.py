@@ -145,23 +145,6 @@ def _recomputable(n: torch.fx.Node) -> bool:
     return True
 
 
-_KEEP_SAVED_OPS = ("unsloth_fx.linear_cross_entropy.default",)
-
-
-def _must_save(n: torch.fx.Node) -> bool:
-    """Outputs of the fused LM head + cross-entropy op (its loss and the gradients it computes in
-    the forward), and the op itself. They are made at the end of the forward and first read at the
-    start of the backward, so recomputing or offloading them lowers no peak; and only a *saved*
-    gradient is scaled in place by ``inplace_saved_grad_scale``: recomputed (the LM head's matmuls
-    again) or reloaded, the scale makes a second ``vocab x hidden`` buffer (1 GiB for
-    R1-Distill-Qwen-7B)."""
-    if str(n.target) in _KEEP_SAVED_OPS:
-        return True
-    if getattr(n.target, "__name__", "") == "getitem" and n.args and isinstance(n.args[0], torch.fx.Node):
-        return str(n.args[0].target) in _KEEP_SAVED_OPS
-    return False
-
-
 def _tag(joint: torch.fx.GraphModule, decisions: dict[str, str]) -> None:
     policy = _compat.checkpoint_policy()
     for n in joint.graph.nodes:
@@ -243,9 +226,9 @@ def solve(joint: torch.fx.GraphModule, num_fwd_outputs: int, limit: int, dev: De
         # a view costs its base's bytes when kept (it keeps the base alive)
         size[i] = round_block(storage_size(base.meta["val"]).nbytes)
         cost[i] = node_seconds(n, dev)
-        if not _recomputable(n) or _must_save(n):
+        if not _recomputable(n):
             can_rec[i] = 0
-        if n.name in windows and base is n and offloadable(n) and not _must_save(n):
+        if n.name in windows and base is n and offloadable(n):
             can_off[i] = 1
             transfer[i] = transfer_seconds(size[i], dev)
             exposed[i] = exposed_seconds(size[i], windows[n.name], dev)
