@@ -48,3 +48,17 @@ def test_chunked_trace_with_inductor_lowering():
     tr = whole.trace_step(build_model("tiny-qwen2", device="meta"), 1, SEQ, torch.bfloat16, 2, lower="inductor")
     assert tr.chunking.get("lm_head_ce") == 2 and not tr.notes
     assert "unsloth_fx.linear_cross_entropy.default" in _targets(tr.joint)
+
+
+def test_the_floor_counts_an_op_workspace_at_the_peak():
+    # an op's workspace is no event of the timeline, only a bump at its node: the activation peak must count it
+    from unsloth_fx.memory import model as M
+    from unsloth_fx.memory.whole import _noopt_peak
+
+    st = M.Static(parameters=1000)
+    tl = M.Timeline(static=st, events=[M.Event(0, "forward", "a", "alloc", 100, 1100, "saved"),
+                                        M.Event(1, "backward", "a", "free", 100, 1000, "saved")],
+                    peak=1600, peak_phase="backward", peak_node="lce", peak_by_category={"workspace": 500})
+    assert _noopt_peak(tl) == 1600
+    tl.peak_phase = "optimizer"  # the optimizer step's temporaries are counted elsewhere (opt_peak)
+    assert _noopt_peak(tl) == 1100
