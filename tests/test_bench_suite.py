@@ -178,3 +178,13 @@ def test_no_budget_variant_compiles_without_a_budget():
     assert rec["status"] == "ok", rec
     assert rec["ufx"]["options"]["memory_budget"] is None
     assert "split_token_chunks" not in rec["ufx"]["options"]["pipeline"]
+
+
+def test_a_chunk_count_variant_compiles_with_that_many_chunks():
+    torch._dynamo.reset()
+    cfg = {"model": "tiny-qwen2", "variant": "ufx-24GiB-16chunks", "steps": 1, "seq": 64, "batch": 1, "lr": 1e-3,
+           "smoke": True}
+    rec = bench.run_variant(cfg)
+    assert rec["status"] == "ok", rec
+    pipe = rec["ufx"]["options"]["pipeline"]
+    assert "split_token_chunks{chunks=16}" in pipe and "fuse_linear_cross_entropy{chunks=16}" in pipe, pipe
