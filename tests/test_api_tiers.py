@@ -160,3 +160,10 @@ def test_check_reserves_the_cuda_workspaces_plan_memory_reserves(monkeypatch):
     assert cuda.static_peak == cpu.static_peak + CUDA_WORKSPACE_RESERVE
     with pytest.raises(InfeasibleBudget, match="CUDA library workspaces 64.00 MiB"):
         check_budget(model, cpu.smallest_feasible, **kw)
+
+
+def test_a_pipeline_that_turns_offload_off_is_read_as_such():
+    assert api._pipeline_offloads("default,plan_memory{optimizer={OPTIMIZER}}")
+    assert not api._pipeline_offloads("default,plan_memory{optimizer={OPTIMIZER},offload=false},+split_token_chunks")
+    assert not api._pipeline_offloads("default,plan_memory{offload=0}")
+    assert api._pipeline_offloads("default,plan_memory{offload=true,h2d_gbps=10}")

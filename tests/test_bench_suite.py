@@ -150,11 +150,15 @@ def test_markdown_marks_failures():
     assert "| m | ufx-7GiB | ok | 6.50 | 25,000 | 61.000 | 6.500 |" in md
 
 
-def test_ablation_variant_runs_its_pipeline_and_tiers_and_records_the_plan():
+def _one_step(variant, seq):
+    """One smoke step of ``variant`` on tiny-qwen2, freshly compiled."""
     torch._dynamo.reset()
-    cfg = {"model": "tiny-qwen2", "variant": "ufx-7GiB-fp32sums", "steps": 1, "seq": 64, "batch": 1, "lr": 1e-3,
-           "smoke": True}
-    rec = bench.run_variant(cfg)
+    return bench.run_variant({"model": "tiny-qwen2", "variant": variant, "steps": 1, "seq": seq, "batch": 1,
+                              "lr": 1e-3, "smoke": True})
+
+
+def test_ablation_variant_runs_its_pipeline_and_tiers_and_records_the_plan():
+    rec = _one_step("ufx-7GiB-fp32sums", seq=64)
     assert rec["status"] == "ok", rec
     opts = rec["ufx"]["options"]
     assert "chunk_recompute{accumulate=false}" in opts["pipeline"]
@@ -171,20 +175,14 @@ def test_ablation_variant_runs_its_pipeline_and_tiers_and_records_the_plan():
 
 
 def test_no_budget_variant_compiles_without_a_budget():
-    torch._dynamo.reset()
-    cfg = {"model": "tiny-qwen2", "variant": "ufx-nobudget-int4", "steps": 1, "seq": 32, "batch": 1, "lr": 1e-3,
-           "smoke": True}
-    rec = bench.run_variant(cfg)
+    rec = _one_step("ufx-nobudget-int4", seq=32)
     assert rec["status"] == "ok", rec
     assert rec["ufx"]["options"]["memory_budget"] is None
     assert "split_token_chunks" not in rec["ufx"]["options"]["pipeline"]
 
 
 def test_a_chunk_count_variant_compiles_with_that_many_chunks():
-    torch._dynamo.reset()
-    cfg = {"model": "tiny-qwen2", "variant": "ufx-24GiB-16chunks", "steps": 1, "seq": 64, "batch": 1, "lr": 1e-3,
-           "smoke": True}
-    rec = bench.run_variant(cfg)
+    rec = _one_step("ufx-24GiB-16chunks", seq=64)
     assert rec["status"] == "ok", rec
     pipe = rec["ufx"]["options"]["pipeline"]
     assert "split_token_chunks{chunks=16}" in pipe and "fuse_linear_cross_entropy{chunks=16}" in pipe, pipe

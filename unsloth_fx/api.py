@@ -226,6 +226,12 @@ def _trace_key(model: torch.nn.Module, counts: tuple[int, int], batch: int, seq:
     return (id(model), counts, batch, seq, chunks, lower)
 
 
+def _pipeline_offloads(pipeline: str) -> bool:
+    """Whether ``pipeline``'s plan_memory may offload (False when it says ``offload=false``)."""
+    flat = pipeline.replace("{OPTIMIZER}", "").replace(" ", "").lower()
+    return not re.search(r"plan_memory\{[^}]*offload=(false|0)\b", flat)
+
+
 def _workspace_reserve(model: torch.nn.Module) -> int:
     """The bytes plan_memory reserves for CUDA library workspaces when the model is on CUDA, else 0."""
     from unsloth_fx.passes.plan_memory import CUDA_WORKSPACE_RESERVE
@@ -541,7 +547,7 @@ def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optim
             patch_causal_lm(model)  # else the logits stay a graph output and the pass must skip the LM head
     # with gradient accumulation the fused update keeps every gradient between micro-batches
     # plan_memory{offload=false} in a caller's pipeline: the check must not count offload either
-    offload = not re.search(r"plan_memory\{[^}]*offload=(false|0)", pipeline.replace(" ", "").lower())
+    offload = _pipeline_offloads(pipeline)
     check_kw = dict(fuse_optimizer=bool(fuse_optimizer) and grad_accum == 1, seq_len=seq_len, batch_size=batch_size,
                     device_total=_device_total(model), chunks=chunks if chunking else None,
                     lower=lower, offload=offload, _cache=traces)  # the lowering the compile will use
