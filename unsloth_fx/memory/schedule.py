@@ -317,17 +317,26 @@ def minimum_plan(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Stat
     base = predict(joint, num_fwd_outputs, static)
     best: tuple[dict[str, str], Timeline] = ({}, base)
     plain = replace(dev, offload=False)
-    cands = [(solve(joint, num_fwd_outputs, 2**62, plain, force_recompute=True), plain)]
-    cands += [(solve(joint, num_fwd_outputs, int(base.saved_bytes * f), plain), plain) for f in (0.5, 0.25)]
-    if dev.offload:
-        cands.append((offload_minimum(joint, num_fwd_outputs, dev), dev))
-    for dec, d in cands:
+    decs = minimum_decisions(joint, num_fwd_outputs, base.saved_bytes, dev)
+    for dec, d in zip(decs, [plain] * (len(decs) - 1) + [dev]):
         if not dec:
             continue
         tl = _predict_tagged(joint, num_fwd_outputs, static, dec, d)
         if tl.peak < best[1].peak:
             best = (dec, tl)
     return best
+
+
+def minimum_decisions(joint: torch.fx.GraphModule, num_fwd_outputs: int, saved_bytes: int,
+                      dev: DeviceModel) -> list[dict[str, str] | None]:
+    """The decisions :func:`minimum_plan` chooses among, in a fixed order: keep the fewest bytes; the
+    time-optimal MILP at 1/2 and 1/4 of ``saved_bytes`` (the all-saved plan's saved bytes), all three
+    without offload; last, :func:`offload_minimum` (None without ``dev.offload``). They depend on the
+    graph, not on the optimizer, so a caller checking several optimizer policies solves once per graph."""
+    plain = replace(dev, offload=False)
+    decs = [solve(joint, num_fwd_outputs, 2**62, plain, force_recompute=True)]
+    decs += [solve(joint, num_fwd_outputs, int(saved_bytes * f), plain) for f in (0.5, 0.25)]
+    return decs + [offload_minimum(joint, num_fwd_outputs, dev)]
 
 
 def offload_minimum(joint: torch.fx.GraphModule, num_fwd_outputs: int, dev: DeviceModel) -> dict[str, str] | None:

@@ -267,14 +267,8 @@ def _variant(name: str, counts: tuple[int, int], batch: int, seq: int, dtype, op
 
 
 def minimum_decisions(joint: Any, nfwd: int, saved_bytes: int, dev: S.DeviceModel) -> list:
-    """The solver decisions behind :func:`minimum_candidates` (keep the fewest bytes; the MILP at 1/2
-    and 1/4 of ``saved_bytes``, the all-saved plan's saved bytes; all three without offload; then,
-    with ``dev.offload``, ``schedule.offload_minimum``, else None). They depend on the graph, not on
-    the optimizer, so a caller checking several optimizer policies solves once per graph."""
-    plain = dataclasses.replace(dev, offload=False)  # as minimum_plan: a plan() can reach each
-    decs = [S.solve(joint, nfwd, 2**62, plain, force_recompute=True)]
-    decs += [S.solve(joint, nfwd, int(saved_bytes * f), plain) for f in (0.5, 0.25)]
-    return decs + [S.offload_minimum(joint, nfwd, dev)]
+    """``schedule.minimum_decisions``: the solver decisions behind :func:`minimum_candidates`."""
+    return S.minimum_decisions(joint, nfwd, saved_bytes, dev)
 
 
 # minimum_candidates' index of the offload candidate: a floor extrapolated over layers leaves it out
