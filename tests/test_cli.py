@@ -32,10 +32,29 @@ def test_plan_json_and_infeasible_budget_exit_code(capsys):
     assert rc == 3 and doc["feasible"] is False
     assert doc["smallest_feasible_budget"] > 2**20
     st = doc["static"]
-    assert st["total"] == st["parameters"] + st["gradients"] + st["optimizer_state"]
+    assert st["total"] == st["parameters"] + st["gradients"] + st["optimizer_state"] + st["workspace"]
     rc = main(["plan", "--model", "tiny-qwen2", "--seq", "64", "--budget", "1MiB", "--quiet", "--no-seq-search"])
     cap = capsys.readouterr()
     assert rc == 3 and "INFEASIBLE" in cap.out and "smallest feasible budget" in cap.err
+
+
+def test_plan_reserves_the_cuda_workspaces_as_plan_memory_does(capsys):
+    from unsloth_fx.passes.plan_memory import CUDA_WORKSPACE_RESERVE
+
+    docs = {}
+    for device in ("cuda", "cpu"):
+        assert main(["plan", "--model", "tiny-qwen2", "--seq", "64", "--json", "--quiet", "--no-seq-search",
+                     "--device", device]) == 0
+        docs[device] = json.loads(capsys.readouterr().out)
+    gpu, cpu = docs["cuda"], docs["cpu"]
+    assert gpu["static"]["workspace"] == CUDA_WORKSPACE_RESERVE and cpu["static"]["workspace"] == 0
+    for key in ("predicted_peak", "smallest_feasible_budget"):
+        assert gpu[key] - cpu[key] == CUDA_WORKSPACE_RESERVE, key
+    assert gpu["peak_floor"]["CUDA library workspaces"] == CUDA_WORKSPACE_RESERVE
+    assert "CUDA library workspaces" not in cpu["peak_floor"]
+    for doc in (gpu, cpu):
+        floor = doc["peak_floor"]
+        assert sum(v for k, v in floor.items() if k != "total") == floor["total"]
 
 
 def test_plan_rejects_bad_arguments(capsys):
@@ -50,14 +69,14 @@ def test_plan_rejects_bad_arguments(capsys):
 @pytest.mark.slow
 def test_plan_finds_the_largest_sequence_that_fits(capsys):
     rc = main(["plan", "--model", "tiny-llama", "--seq", "256", "--budget", "24MiB", "--json", "--quiet",
-               "--lower", "eager"])  # the search's bounds were set for the eager timeline
+               "--lower", "eager", "--device", "cpu"])  # the search's bounds were set for the eager timeline
     doc = json.loads(capsys.readouterr().out)
     assert rc == 0
     s = doc["largest_seq_that_fits"]
     assert s is not None and s >= 256 and s % 256 == 0
     # one granule longer does not fit
     rc = main(["plan", "--model", "tiny-llama", "--seq", str(s + 256), "--budget", "24MiB", "--json", "--quiet",
-               "--no-seq-search", "--lower", "eager"])  # the same timeline model as the search
+               "--no-seq-search", "--lower", "eager", "--device", "cpu"])  # the same timeline model as the search
     assert json.loads(capsys.readouterr().out)["smallest_feasible_budget"] > 24 * 2**20
 
 

@@ -51,6 +51,13 @@ def inductor_compile(gm: torch.fx.GraphModule, example_inputs: Any, **kwargs: An
     return compile_fx_inner(gm, example_inputs, **kwargs)
 
 
+def inductor_compile_whole(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
+    """Lower a whole graph that needs no AOT split (compiled autograd's backward) with Inductor."""
+    from torch._inductor import compile as compile_whole
+
+    return compile_whole(gm, example_inputs)
+
+
 def make_boxed(fn: Callable[..., Any]) -> Callable[..., Any]:
     from torch._functorch.aot_autograd import make_boxed_func
 

@@ -110,9 +110,7 @@ def unsloth(gm: torch.fx.GraphModule, example_inputs: list[Any], *, options: dic
         COMPILED_AUTOGRAD_GRAPHS.append(gm)
         if opts.lower == "eager":
             return gm.forward
-        from torch._inductor import compile as inductor_compile
-
-        return inductor_compile(gm, example_inputs)
+        return _compat.inductor_compile_whole(gm, example_inputs)
 
     graph_id = next(_graph_ids)
     pipeline = Pipeline.parse(opts.pipeline)

@@ -34,6 +34,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from unsloth_fx.memory import report, whole
     from unsloth_fx.memory.model import HYBRID_TIERS, parse_optimizer
     from unsloth_fx.options import OptionError, format_bytes, parse_bytes
+    from unsloth_fx.passes.plan_memory import CUDA_WORKSPACE_RESERVE
 
     try:
         budget = parse_bytes(a.budget) if a.budget else None
@@ -61,6 +62,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
              "is a torch optimizer, which the fused update does not run")
         return 2
     chunks = None if a.no_chunking else a.chunks
+    # plan_memory reserves the CUDA library workspaces on a GPU (no graph node makes them): so does the CLI
+    workspace = CUDA_WORKSPACE_RESERVE if a.device == "cuda" else 0
     t0 = time.perf_counter()
     progress = None if a.quiet else _say
     if progress:
@@ -70,7 +73,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
     try:
         est = whole.estimate(a.model, batch=a.batch, seq=a.seq, dtype=dtype, optimizer=spec,
                              fuse_optimizer=a.fuse_optimizer, budget=budget, full=a.full_trace, progress=progress,
-                             chunks=chunks, lower=a.lower)
+                             chunks=chunks, lower=a.lower, workspace=workspace)
     except ValueError as e:
         _say(f"error: {e}")
         return 2
@@ -82,7 +85,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
             progress("searching the largest sequence length that fits (bisection over traced lengths)")
         largest = whole.largest_seq(a.model, budget, batch=a.batch, dtype=dtype, optimizer=spec,
                                     fuse_optimizer=a.fuse_optimizer, start=a.seq, progress=progress, chunks=chunks,
-                                    lower=a.lower)
+                                    lower=a.lower, workspace=workspace)
     plan = est.plan
     decisions: dict[str, int] = {}
     if plan is not None:
@@ -90,7 +93,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
             decisions[d] = decisions.get(d, 0) + 1
     overhead = plan.overhead_s * est.scale if plan else 0.0
     step_s = (plan.step_s if plan else 0.0) * est.scale
-    static_total = st.parameters + st.buffers + st.gradients + st.optimizer_state
+    static_total = st.parameters + st.buffers + st.gradients + st.optimizer_state + st.workspace
     gpu_short = max(est.feasible_min - GPU_80GB, 0)
     doc: dict[str, Any] = {
         "model": a.model, "batch": a.batch, "seq": a.seq, "dtype": a.dtype, "optimizer": spec,
@@ -98,7 +101,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
         "assumptions": est.assumptions, "budget": budget,
         "static": {"parameters": st.parameters + st.buffers, "gradients": st.gradients,
                    "optimizer_state": st.optimizer_state, "optimizer_state_by_tier": st.state_by_tier,
-                   "optimizer_step_temp": st.optimizer_temp, "inputs": st.inputs, "total": static_total},
+                   "optimizer_step_temp": st.optimizer_temp, "inputs": st.inputs, "workspace": st.workspace,
+                   "total": static_total},
         "peak_floor": _floor_terms(est),
         "activation_peak": est.activations, "minimum_activations": est.min_activations,
         "predicted_peak": est.base_peak, "smallest_feasible_budget": est.feasible_min,
@@ -137,6 +141,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
                  + ")" if len(st.state_by_tier) > 1 else "")
               + (f" (+ {fb(st.optimizer_temp)} " + ("largest gradient + its update's temporaries)"
                                                    if a.fuse_optimizer else "temporaries in step())")))
+        if st.workspace:
+            print(f"  CUDA workspaces   {fb(st.workspace)} (cuBLAS / cuBLASLt, reserved as plan_memory does on a GPU)")
         print(f"  static total      {fb(static_total)}")
         print(f"  activation peak   {fb(est.activations)} (minimum with recompute: {fb(est.min_activations)})"
               + ("  [extrapolated from traced layers " + str(est.traced) + "]" if est.extrapolated else ""))
@@ -188,13 +194,14 @@ def _floor_terms(est: Any) -> dict[str, int]:
     the resident bytes plus the activations and in-flight gradients at the minimum plan's
     peak, or (when larger) the optimizer step's: parameters, gradients, state, temporaries."""
     st = est.static
+    ws = {"CUDA library workspaces": st.workspace} if st.workspace else {}
     if est.min_peak > est.optimizer_peak:
         return {"parameters": st.parameters + st.buffers, "optimizer state": st.optimizer_state,
-                "inputs": st.inputs, "activations + in-flight gradients (minimum plan)": est.min_peak - st.resident,
+                "inputs": st.inputs, **ws, "activations + in-flight gradients (minimum plan)": est.min_peak - st.resident,
                 "total": est.min_peak}
     return {"parameters": st.parameters + st.buffers, "gradients": st.gradients, "optimizer state": st.optimizer_state,
-            "inputs": st.inputs, ("largest gradient + its update" if st.fuse_optimizer else "optimizer-step temporaries"):
-            st.optimizer_temp, "total": est.optimizer_peak}
+            "inputs": st.inputs, **ws, ("largest gradient + its update" if st.fuse_optimizer else
+                                        "optimizer-step temporaries"): st.optimizer_temp, "total": est.optimizer_peak}
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
@@ -279,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lower", default="inductor", choices=["inductor", "eager"],
                    help="the backend's lowering to model (default inductor, the backend's default: Inductor's "
                         "decompositions, its fused pointwise chains not materialized; eager: every node materialized)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="the device the step will run on (default cuda: reserve the 64 MiB of CUDA library "
+                        "workspaces that plan_memory reserves on a GPU; cpu: none)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--full-trace", action="store_true", help="trace every layer instead of extrapolating")
     p.add_argument("--no-seq-search", action="store_true", help="skip the largest-sequence search")

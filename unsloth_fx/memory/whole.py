@@ -291,7 +291,7 @@ def minimum_candidates(joint: Any, nfwd: int, st: M.Static, dev: S.DeviceModel,
 
 
 def full_static(name: str, dtype, optimizer: Any, fuse: bool, batch: int, seq: int,
-                lower: str = "eager", overrides: dict | None = None) -> tuple[M.Static, Any]:
+                lower: str = "eager", overrides: dict | None = None, workspace: int = 0) -> tuple[M.Static, Any]:
     from unsloth_fx.zoo import build_model
 
     m = build_model(name, device="meta", **(overrides or {}))
@@ -302,22 +302,26 @@ def full_static(name: str, dtype, optimizer: Any, fuse: bool, batch: int, seq: i
         rows.append((b.numel(), b.dtype, False, True, n, tuple(b.shape)))
     st = _set_lower(M.static_breakdown(rows, optimizer, fuse), lower)
     st.inputs = 2 * M.round_block(batch * seq * 8)  # input_ids + labels (int64)
+    st.workspace = workspace
     return st, m.config
 
 
 def estimate(name: str, *, batch: int = 1, seq: int = 2048, dtype=torch.bfloat16, optimizer: Any = "adamw",
              fuse_optimizer: bool = False, budget: int | None = None, full: bool = False,
              dev: S.DeviceModel | None = None, progress: Callable[[str], None] | None = None,
-             chunks: int | None = None, lower: str = "eager", overrides: dict | None = None) -> Estimate:
+             chunks: int | None = None, lower: str = "eager", overrides: dict | None = None,
+             workspace: int = 0) -> Estimate:
     """Predict (and, with ``budget``, plan) one training step of zoo model ``name``.
 
     ``optimizer``: a spec (``unsloth_fx.memory.model.parse_optimizer``: "adamw", "hybrid",
     "int8/int4", ...); ``fuse_optimizer``: the update runs inside backward; ``chunks``: trace
     with apply_optimizations' chunking passes at this many chunks (None: unchunked); ``lower``: the
     backend's lowering to model ("inductor": Inductor's decompositions and fusion, as plan_memory);
-    ``overrides``: config overrides for the zoo model (e.g. ``num_hidden_layers``)."""
+    ``overrides``: config overrides for the zoo model (e.g. ``num_hidden_layers``); ``workspace``: bytes
+    reserved for the CUDA library workspaces (``plan_memory.CUDA_WORKSPACE_RESERVE`` on a GPU, 0 on CPU),
+    resident through the step."""
     dev = dev or S.DeviceModel()
-    st, config = full_static(name, dtype, optimizer, fuse_optimizer, batch, seq, lower, overrides)
+    st, config = full_static(name, dtype, optimizer, fuse_optimizer, batch, seq, lower, overrides, workspace)
     n_dense, n_moe = _layers(config)
     L = n_dense + n_moe
     opt_peak = st.resident + st.gradients + st.optimizer_temp
@@ -392,11 +396,11 @@ def _variant_dense(name, L, batch, seq, dtype, optimizer, fuse, dev, progress, c
 def largest_seq(name: str, budget: int, *, batch: int = 1, dtype=torch.bfloat16, optimizer: Any = "adamw",
                 fuse_optimizer: bool = False, start: int = 2048, granularity: int = 256, max_evals: int = 7,
                 progress: Callable[[str], None] | None = None, chunks: int | None = None,
-                lower: str = "eager") -> int | None:
+                lower: str = "eager", workspace: int = 0) -> int | None:
     """Largest sequence length (multiple of ``granularity``) whose minimum plan fits ``budget``,
     by bisection over concrete sequence lengths (each step re-traces the small variants).
     None: not even ``granularity`` tokens fit."""
-    st, config = full_static(name, dtype, optimizer, fuse_optimizer, batch, granularity, lower)
+    st, config = full_static(name, dtype, optimizer, fuse_optimizer, batch, granularity, lower, workspace=workspace)
     if max(st.resident, _opt(st)) > budget:
         return None
     limit = int(getattr(config, "max_position_embeddings", 1 << 17))
@@ -405,7 +409,7 @@ def largest_seq(name: str, budget: int, *, batch: int = 1, dtype=torch.bfloat16,
     def ok(s: int) -> bool:
         if s not in fits:
             e = estimate(name, batch=batch, seq=s, dtype=dtype, optimizer=optimizer, fuse_optimizer=fuse_optimizer,
-                         chunks=chunks, lower=lower)
+                         chunks=chunks, lower=lower, workspace=workspace)
             fits[s] = e.feasible_min <= budget
             if progress:
                 progress(f"  seq {s}: smallest budget {format_bytes(e.feasible_min)} -> {'fits' if fits[s] else 'does not fit'}")
