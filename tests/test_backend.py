@@ -102,7 +102,8 @@ def test_inference_graphs_go_through_the_inference_stage():
     assert "inference" in backend.LAST and "joint" not in backend.LAST["ctx"].stats
 
 
-def test_compiled_autograd_graphs_are_lowered_without_training_passes():
+@pytest.mark.parametrize("lower", ["eager", "inductor"])
+def test_compiled_autograd_graphs_are_lowered_without_training_passes(lower):
     from unsloth_fx import _compat
 
     torch._dynamo.reset()
@@ -110,7 +111,7 @@ def test_compiled_autograd_graphs_are_lowered_without_training_passes():
     m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 1))
     m.load_state_dict(ref.state_dict())
     x = torch.randn(4, 8)
-    opts = {"lower": "eager"}
+    opts = {"lower": lower}
     loss = torch.compile(m, backend="unsloth", options=opts)(x).sum()
     before = len(backend.COMPILED_AUTOGRAD_GRAPHS)
     with _compat.enable_compiled_autograd(torch.compile(backend="unsloth", options=opts)):
