@@ -309,3 +309,20 @@ def test_offload_lowers_the_floor_and_plan_reaches_it():
     with pytest.raises(S.InfeasibleBudget) as e:
         S.plan(joint, nfwd, st, budget - 2**16, dev)
     assert budget <= e.value.smallest_feasible <= budget + 2**10
+
+
+def test_plan_explains_only_a_refusal(monkeypatch):
+    # the no-offload fallback inside plan() used to build a full InfeasibleBudget message (minimum_plan:
+    # four MILP solves and their partitions, 143 s of the 7B's 630 s CLI plan) and throw it away
+    joint, nfwd, st = _tiny_qwen2_step()
+    budget = S.minimum_plan(joint, nfwd, st, S.DeviceModel())[1].peak
+    calls = []
+    real = S.minimum_plan
+    monkeypatch.setattr(S, "minimum_plan", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for rounds in (6, 0):
+        p = S.plan(joint, nfwd, st, budget, S.DeviceModel(), max_rounds=rounds)
+        assert p.feasible and p.timeline.peak <= budget
+    assert calls == []
+    with pytest.raises(S.InfeasibleBudget):
+        S.plan(joint, nfwd, st, budget - 2**16, S.DeviceModel())
+    assert calls == [1]

@@ -444,26 +444,14 @@ def plan(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Static, budg
     if budget is None or base.peak <= budget:
         p.feasible = budget is None or base.peak <= budget
         return p
-    # bytes the budget leaves for activations kept across the gap
-    other = base.peak - base.saved_bytes
-    limit = budget - other
-    best: tuple[dict[str, str], Timeline, dict[str, str]] | None = None
-    for rnd in range(1, max_rounds + 1):
-        p.rounds = rnd
-        dec = solve(joint, num_fwd_outputs, max(limit, 0), dev, force_offload=force_offload) if limit > 0 else None
-        if dec is None:
-            break
-        tl, done = _predict_tagged_offload(joint, num_fwd_outputs, static, dec, dev)
-        if tl.peak <= budget:
-            best = (dec, tl, done)
-            break
-        limit -= (tl.peak - budget) + 2**20
+    best = _rounds(joint, num_fwd_outputs, static, budget, base, dev, max_rounds, force_offload, p)
     if best is None and dev.offload and not force_offload:
         # the time-optimal plans with offload did not fit: plan as without it before giving up
-        try:
-            return plan(joint, num_fwd_outputs, static, budget, replace(dev, offload=False), max_rounds)
-        except InfeasibleBudget:
-            pass
+        plain = replace(dev, offload=False)
+        best = _rounds(joint, num_fwd_outputs, static, budget, base, plain, max_rounds, None, p)
+        if best is not None:
+            p.device_model = dev = plain
+    if best is None and dev.offload and not force_offload:
         # last: the fewest device bytes with offload, whatever the transfers cost (slower, but it
         # is the only plan that fits; minimum_plan counts it, so the floor it reports is reachable)
         dec = offload_minimum(joint, num_fwd_outputs, dev)
@@ -483,6 +471,25 @@ def plan(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Static, budg
             f"smallest feasible budget {format_bytes(smallest)}",
             smallest_feasible=smallest, breakdown=bd)
     return _finish(p, joint, *best, dev, num_fwd_outputs)
+
+
+def _rounds(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Static, budget: int, base: Timeline,
+            dev: DeviceModel, max_rounds: int, force_offload: set[str] | None,
+            p: Plan) -> tuple[dict[str, str], Timeline, dict[str, str]] | None:
+    """The time-optimal MILP at the bytes the budget leaves for kept activations, lowered by the
+    predicted excess and solved again, up to ``max_rounds`` times: (decisions, timeline, offloaded)
+    of the first plan predicted to fit, or None. ``p.rounds`` counts the rounds."""
+    limit = budget - (base.peak - base.saved_bytes)  # bytes the budget leaves for activations kept across the gap
+    for rnd in range(1, max_rounds + 1):
+        p.rounds = rnd
+        dec = solve(joint, num_fwd_outputs, max(limit, 0), dev, force_offload=force_offload) if limit > 0 else None
+        if dec is None:
+            return None
+        tl, done = _predict_tagged_offload(joint, num_fwd_outputs, static, dec, dev)
+        if tl.peak <= budget:
+            return dec, tl, done
+        limit -= (tl.peak - budget) + 2**20
+    return None
 
 
 def _finish(p: Plan, joint: torch.fx.GraphModule, dec: dict[str, str], tl: Timeline, done: dict[str, str],
