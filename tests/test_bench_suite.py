@@ -166,6 +166,7 @@ def test_ablation_variant_runs_its_pipeline_and_tiers_and_records_the_plan():
     assert rec["ufx"]["check"] is None  # the ablation skips the early check
     assert rec["ufx"]["optimizer_policy"]["chosen"] == "int4/int4"
     assert set(rec["ufx"]["plan"]) == {"predicted_peak_h", "recompute", "offload", "offloaded_bytes"}
+    assert 0 < rec["ufx"]["setup_s"] < 60  # apply_optimizations' own time, outside the steps
     from unsloth_fx import backend
 
     st = backend.LAST["ctx"].stats

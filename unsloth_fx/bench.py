@@ -186,10 +186,13 @@ def _run_variant(cfg: dict[str, Any]) -> dict[str, Any]:
             extra["pipeline"] = s["pipeline"]
         if s.get("chunks"):
             extra["chunks"] = s["chunks"]
+        t_setup = time.perf_counter()
         step_model, opt = apply_optimizations(model, target_vram=budget, optimizer="hybrid_adam", lr=lr,
                                               seq_len=cfg["seq"], batch_size=cfg["batch"],
                                               check=s.get("check", True), **extra)
-        report = step_model.ufx_report
+        setup_s = time.perf_counter() - t_setup
+        _say(f"    apply_optimizations: {setup_s:.1f} s (the early check; the compile comes with step 1)")
+        report = dict(step_model.ufx_report, setup_s=setup_s)
     else:
         if s.get("adamw8bit"):
             from torchao.optim import AdamW8bit
