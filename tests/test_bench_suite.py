@@ -144,10 +144,13 @@ def test_markdown_marks_failures():
                     "steps": 20, "lr": 1e-5, "smoke": False},
            "results": [{"model": "m", "variant": "eager-amp", "status": "OOM", "error": "CUDA out of memory"},
                        {"model": "m", "variant": "ufx-7GiB", "status": "ok", "peak_bytes": 7 * 2**30 - 2**29,
-                        "tokens_per_s": 25000.0, "compile_s": 61.0, "loss": 6.5}]}
+                        "tokens_per_s": 25000.0, "compile_s": 61.0, "loss": 6.5, "ufx": {"setup_s": 120.5}},
+                       {"model": "m", "variant": "compile-amp", "status": "ok", "peak_bytes": 2**30,
+                        "tokens_per_s": 30000.0, "compile_s": 50.0, "loss": 6.4, "ufx": None}]}
     md = bench.markdown(doc)
     assert "| m | eager-amp | OOM: CUDA out of memory |" in md
-    assert "| m | ufx-7GiB | ok | 6.50 | 25,000 | 61.000 | 6.500 |" in md
+    assert "| m | ufx-7GiB | ok | 6.50 | 25,000 | 120.500 | 61.000 | 6.500 |" in md
+    assert "| m | compile-amp | ok | 1.00 | 30,000 |  | 50.000 | 6.400 |" in md
 
 
 def _one_step(variant, seq):

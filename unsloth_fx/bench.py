@@ -362,13 +362,15 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [f"unsloth-fx bench: {m['device']}, torch {m['torch']}, transformers {m['transformers']}, {m['date']}; "
              f"batch {m['batch']} x seq {m['seq']}, {m['steps']} steps, lr {m['lr']}"
              + (" (SMOKE: CPU machinery check, not a measurement)" if m["smoke"] else ""), "",
-             "| model | variant | status | peak GiB | tokens/s | compile s | loss@N |", "|---|---|---|---:|---:|---:|---:|"]
+             "| model | variant | status | peak GiB | tokens/s | setup s | compile s | loss@N |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in doc["results"]:
         ok = r["status"] == "ok"
         status = r["status"] if ok else f"{r['status']}: {r.get('error', '')}".replace("|", "/")
+        setup = (r.get("ufx") or {}).get("setup_s")  # apply_optimizations (its early check); stock variants: none
         lines.append(f"| {r['model']} | {r['variant']} | {status} | {_fmt(r.get('peak_bytes'), 'GiB') if ok else ''} | "
-                     f"{_fmt(r.get('tokens_per_s'), 'int') if ok else ''} | {_fmt(r.get('compile_s')) if ok else ''} | "
-                     f"{_fmt(r.get('loss')) if ok else ''} |")
+                     f"{_fmt(r.get('tokens_per_s'), 'int') if ok else ''} | {_fmt(setup) if ok and setup else ''} | "
+                     f"{_fmt(r.get('compile_s')) if ok else ''} | {_fmt(r.get('loss')) if ok else ''} |")
     return "\n".join(lines) + "\n"
 
 
