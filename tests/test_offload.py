@@ -326,3 +326,23 @@ def test_plan_explains_only_a_refusal(monkeypatch):
     with pytest.raises(S.InfeasibleBudget):
         S.plan(joint, nfwd, st, budget - 2**16, S.DeviceModel())
     assert calls == [1]
+
+
+def test_plan_skips_the_no_offload_rounds_when_no_round_offloaded(monkeypatch):
+    # offload priced out of the time-optimal plans (1 s per offloaded tensor): their rounds miss the offload
+    # floor without offloading anything, so the same rounds without offload would solve the same MILPs
+    # again (their optima are the same); plan() goes straight to the fewest-bytes plan, which offloads
+    joint, nfwd, st = _tiny_qwen2_step()
+    dev = S.DeviceModel(offload_overhead_s=1.0)
+    budget = S.minimum_plan(joint, nfwd, st, dev)[1].peak
+    calls = []
+    real = S.solve
+    monkeypatch.setattr(S, "solve", lambda j, n, lim, d, **k: calls.append((d.offload, k.get("force_recompute", False),
+                                                                           real(j, n, lim, d, **k)))
+                        or calls[-1][2])
+    p = S.plan(joint, nfwd, st, budget, dev)
+    assert p.feasible and p.timeline.peak <= budget and p.offloaded_bytes > 0
+    assert any("fewest device bytes" in w for w in p.warnings)
+    timed = [c for c in calls if not c[1]]
+    assert timed and all(off for off, _, _ in timed)  # only rounds with offload allowed ...
+    assert all("offload" not in (dec or {}).values() for _, _, dec in timed)  # ... which offloaded nothing

@@ -449,11 +449,12 @@ def plan(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Static, budg
     if budget is None or base.peak <= budget:
         p.feasible = budget is None or base.peak <= budget
         return p
-    best = _rounds(joint, num_fwd_outputs, static, budget, base, dev, max_rounds, force_offload, p)
-    if best is None and dev.offload and not force_offload:
-        # the time-optimal plans with offload did not fit: plan as without it before giving up
+    best, offloaded = _rounds(joint, num_fwd_outputs, static, budget, base, dev, max_rounds, force_offload, p)
+    if best is None and dev.offload and not force_offload and offloaded is not False:
+        # the time-optimal plans with offload did not fit: plan as without it before giving up. (When no
+        # round offloaded anything, its optima were also the optima without offload: the same rounds.)
         plain = replace(dev, offload=False)
-        best = _rounds(joint, num_fwd_outputs, static, budget, base, plain, max_rounds, None, p)
+        best, _ = _rounds(joint, num_fwd_outputs, static, budget, base, plain, max_rounds, None, p)
         if best is not None:
             p.device_model = dev = plain
     if best is None and dev.offload and not force_offload:
@@ -480,21 +481,25 @@ def plan(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Static, budg
 
 def _rounds(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Static, budget: int, base: Timeline,
             dev: DeviceModel, max_rounds: int, force_offload: set[str] | None,
-            p: Plan) -> tuple[dict[str, str], Timeline, dict[str, str]] | None:
+            p: Plan) -> tuple[tuple[dict[str, str], Timeline, dict[str, str]] | None, bool | None]:
     """The time-optimal MILP at the bytes the budget leaves for kept activations, lowered by the
-    predicted excess and solved again, up to ``max_rounds`` times: (decisions, timeline, offloaded)
-    of the first plan predicted to fit, or None. ``p.rounds`` counts the rounds."""
+    predicted excess and solved again, up to ``max_rounds`` times. Returns ((decisions, timeline,
+    offloaded) of the first plan predicted to fit, or None; whether any round's plan offloaded, None when
+    no round found a plan).
+    ``p.rounds`` counts the rounds."""
     limit = budget - (base.peak - base.saved_bytes)  # bytes the budget leaves for activations kept across the gap
+    offloaded = None  # None: no round found a plan (a solve can also fail by its time limit)
     for rnd in range(1, max_rounds + 1):
         p.rounds = rnd
         dec = solve(joint, num_fwd_outputs, max(limit, 0), dev, force_offload=force_offload) if limit > 0 else None
         if dec is None:
-            return None
+            break
+        offloaded = bool(offloaded) or "offload" in dec.values()
         tl, done = _predict_tagged_offload(joint, num_fwd_outputs, static, dec, dev)
         if tl.peak <= budget:
-            return dec, tl, done
+            return (dec, tl, done), offloaded
         limit -= (tl.peak - budget) + 2**20
-    return None
+    return None, offloaded
 
 
 def _finish(p: Plan, joint: torch.fx.GraphModule, dec: dict[str, str], tl: Timeline, done: dict[str, str],
