@@ -94,16 +94,28 @@ def test_ladder_traces_once_and_credits_the_chunking_passes(monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(whole, "trace_step", counting)
+    floors = []
+    real_cands = whole.minimum_candidates
+
+    def counting_cands(joint, nfwd, st, *a, **k):
+        floors.append((id(joint), st.optimizer, tuple(sorted(st.state_by_tier.items()))))
+        return real_cands(joint, nfwd, st, *a, **k)
+
+    monkeypatch.setattr(whole, "minimum_candidates", counting_cands)
     model = _tiny()
     # below hybrid's floor, so the ladder checks more than one policy with activations
     hyb = check_budget(model, None, optimizer="hybrid", seq_len=64, batch_size=2, fuse_optimizer=False, chunks=8)
     n = len(calls)
+    floors.clear()
     # chunks=8: always chunked (chunks="auto" would first trace the unchunked step to decide; tested in test_api)
     compiled, _ = apply_optimizations(model, target_vram=hyb.smallest_feasible - 2**10, seq_len=64, batch_size=2,
                                       fuse_optimizer=False, lower="eager", chunks=8)
     rep = compiled.ufx_report
     assert rep["optimizer_policy"]["chosen"] != "hybrid" and len(rep["optimizer_policy"]["tried"]) >= 2
     assert len(calls) - n == n  # one trace per traced variant, reused by every policy and the final check
+    # each policy's candidates predicted once per traced variant: the final check (offload counted) reuses the
+    # ladder's (offload not counted; the same candidates but the offload one)
+    assert floors and len(floors) == len(set(floors)), floors
     assert set(calls) == {8}
     assert any("chunked LM head" in a for a in rep["assumptions"])
     # the chunked trace's floor is below the unchunked one (no [tokens, vocab] fp32 logits: 4 MiB at 2 x 1024)

@@ -253,12 +253,10 @@ def _activation_floor(model: torch.nn.Module, counts: tuple[int, int], batch: in
     ``chunks``, through the backend with the same chunking passes apply_optimizations adds; with
     ``lower``, the backend's lowering: "inductor", its default, traces with Inductor's decompositions
     and plans with its fusion, as plan_memory does). ``cache`` reuses traces across optimizer
-    policies (the trace does not depend on them). ``offload``: whether plan_memory may offload (else
-    the offload candidate is None)."""
-    from unsloth_fx.memory import model as M
-    from unsloth_fx.memory import schedule as S
-    from unsloth_fx.memory.whole import (OFFLOAD_CANDIDATE, _set_lower, minimum_candidates, minimum_decisions,
-                                         trace_step)
+    policies (the trace does not depend on them), and each policy's candidates across checks (the
+    tier ladder's, then apply_optimizations' final one). ``offload``: whether plan_memory may offload
+    (else the offload candidate is None)."""
+    from unsloth_fx.memory.whole import OFFLOAD_CANDIDATE, trace_step
 
     key = _trace_key(model, counts, batch, seq, chunks, lower)
     cache = {} if cache is None else cache
@@ -267,16 +265,28 @@ def _activation_floor(model: torch.nn.Module, counts: tuple[int, int], batch: in
         tr = cache[key] = trace_step(_meta_copy(model, *counts), batch, seq, dtype=None, chunks=chunks, lower=lower)
     if notes is not None:
         notes.extend(n for n in tr.notes if n not in notes)
+    done = cache.get((key, "floor", optimizer, fuse))
+    if done is None:  # else the same policy was checked before (the tier ladder, then apply_optimizations' final check)
+        done = cache[key, "floor", optimizer, fuse] = _candidate_floors(tr, optimizer, fuse, lower, cache, key)
+    act, cands = done
+    if not offload:  # the same candidates but the offload one (it is solved and predicted apart from the others)
+        cands = [None if i == OFFLOAD_CANDIDATE else c for i, c in enumerate(cands)]
+    return act, cands
+
+
+def _candidate_floors(tr: Any, optimizer: str, fuse: bool, lower: str, cache: dict,
+                      key: Any) -> tuple[int, list[int | None]]:
+    from unsloth_fx.memory import model as M
+    from unsloth_fx.memory import schedule as S
+    from unsloth_fx.memory.whole import _set_lower, minimum_candidates, minimum_decisions
+
     st = _set_lower(M.static_breakdown(tr.rows, optimizer, fuse), lower)
     st.inputs = M.inputs_bytes(tr.joint)
     base = M.predict(tr.joint, tr.nfwd, st)
     dev = S.DeviceModel()
     if (key, "decisions") not in cache:  # the solves depend on the graph only: once per trace
         cache[key, "decisions"] = minimum_decisions(tr.joint, tr.nfwd, base.saved_bytes, dev)
-    decs = list(cache[key, "decisions"])
-    if not offload:
-        decs[OFFLOAD_CANDIDATE - 1] = None
-    cands = minimum_candidates(tr.joint, tr.nfwd, st, dev, decs)
+    cands = minimum_candidates(tr.joint, tr.nfwd, st, dev, list(cache[key, "decisions"]))
     return cands[0].peak - st.resident, [None if c is None else c.peak - st.resident for c in cands]
 
 
