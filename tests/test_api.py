@@ -238,3 +238,4 @@ def test_a_second_check_on_the_same_trace_cache_says_it_reuses_the_full_trace(mo
     out = capsys.readouterr().out
     assert calls == [1, 2, 6] and "deciding on the trace of all 6 layers made earlier" in out and "tracing" not in out
     assert chk.feasible and chk.traced_layers == [6]
+    assert "replaced by a trace of all 6 layers (made earlier)" in chk.notes[-1], chk.notes

@@ -427,7 +427,8 @@ def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | t
             t0 = time.perf_counter()
             act, act_min = whole()
             chk.notes.append(f"the layer extrapolation's floor ({format_bytes(floor)}) was replaced by a trace of all "
-                             f"{L} layers ({time.perf_counter() - t0:.0f} s): floor "
+                             f"{L} layers (" + ("made earlier" if traced else f"{time.perf_counter() - t0:.0f} s")
+                             + "): floor "
                              f"{format_bytes(max(resident + min(act, act_min), opt_peak))}")
     chk.predicted_peak = max(resident + act, opt_peak)
     floor = max(resident + min(act, act_min), opt_peak)
