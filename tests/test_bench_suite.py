@@ -190,3 +190,13 @@ def test_a_chunk_count_variant_compiles_with_that_many_chunks():
     assert rec["status"] == "ok", rec
     pipe = rec["ufx"]["options"]["pipeline"]
     assert "split_token_chunks{chunks=16}" in pipe and "fuse_linear_cross_entropy{chunks=16}" in pipe, pipe
+
+
+def test_the_7b_variant_without_the_check_fixes_its_tier_and_chunks():
+    rec = _one_step("ufx-24GiB-16chunks-int4", seq=64)
+    assert rec["status"] == "ok", rec
+    assert rec["ufx"]["check"] is None  # no early check ran
+    assert rec["ufx"]["optimizer_policy"]["chosen"] == "int4/int4"
+    pipe = rec["ufx"]["options"]["pipeline"]
+    assert "split_token_chunks{chunks=16}" in pipe and "fuse_linear_cross_entropy{chunks=16}" in pipe, pipe
+    assert rec["ufx"]["options"]["memory_budget"] == "64MiB"  # smoke: the tiny model's budget, still planned

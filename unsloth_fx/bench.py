@@ -58,6 +58,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # r1-distill-qwen-7b at seq 4096: the CPU planner's floor is 24.02 GiB at 8 chunks, 23.80 GiB at 16 (the fused
     # LM head's chunk buffers halve), so the 24 GiB target needs 16 (docs/end_to_end.md)
     "ufx-24GiB-16chunks": ("unsloth-fx, budget 24 GiB, HybridAdamW, 16 token chunks", {"ufx": "24GiB", "chunks": 16}),
+    # the same with the tier the early check picks there (int4/int4) fixed and no early check: the check and its
+    # tier ladder take minutes on the 7B (docs/memory.md, "Planner time"); the compile's plan_memory still
+    # plans for 24 GiB and refuses it if it does not fit
+    "ufx-24GiB-16chunks-int4": ("unsloth-fx, budget 24 GiB, HybridAdamW int4/int4, 16 token chunks, no early check",
+                                {"ufx": "24GiB", "chunks": 16, "tiers": "int4/int4", "check": False}),
 }
 # Loss ablation of the 7 GiB plan (issue 8): its tier (int4/int4) and 8 chunks fixed, one numeric choice changed
 # each, no early check (the plan still gets the 7 GiB budget). "ufx-7GiB-int4" is the control: the pipeline
