@@ -37,6 +37,22 @@ def inductor_partition(gm: torch.fx.GraphModule, joint_inputs: Any, **kwargs: An
     return partition_fn(gm, joint_inputs, **kwargs)
 
 
+def lazy_graph_modules() -> contextlib.AbstractContextManager[None]:
+    """Inside, :func:`graph_module` and torch's partitioners make GraphModules that write their
+    Python code only when run or printed (Inductor's own trick). The planner partitions the step
+    to walk its graphs, never to run them, and writing the code of a 26,000-node graph takes seconds."""
+    from torch.fx._lazy_graph_module import _use_lazy_graph_module
+
+    return _use_lazy_graph_module(True)
+
+
+def graph_module(root: torch.nn.Module, graph: torch.fx.Graph) -> torch.fx.GraphModule:
+    """``torch.fx.GraphModule(root, graph)``, lazy inside :func:`lazy_graph_modules`."""
+    from torch.fx._lazy_graph_module import _make_graph_module
+
+    return _make_graph_module(root, graph)
+
+
 def min_cut_partition(gm: torch.fx.GraphModule, joint_inputs: Any, **kwargs: Any) -> tuple[Any, Any]:
     """torch's min-cut rematerialization partitioner (honours ``meta["recompute"]`` tags)."""
     from torch._functorch.partitioners import min_cut_rematerialization_partition

@@ -450,13 +450,14 @@ def partition(joint: torch.fx.GraphModule, num_fwd_outputs: int, how: str = "min
     g = torch.fx.Graph()
     out = g.graph_copy(joint.graph, {})
     g.output(out)
-    gm = torch.fx.GraphModule(joint, g)
-    primals, tangents = [], []
-    for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            (tangents if "tangents" in n.name else primals).append(n.meta.get("val"))
-    fn = _compat.min_cut_partition if how == "min_cut" else _compat.default_partition
-    return fn(gm, [primals, tangents], num_fwd_outputs=num_fwd_outputs)
+    with _compat.lazy_graph_modules():  # graphs to walk, not to run: no Python code generated
+        gm = _compat.graph_module(joint, g)
+        primals, tangents = [], []
+        for n in gm.graph.nodes:
+            if n.op == "placeholder":
+                (tangents if "tangents" in n.name else primals).append(n.meta.get("val"))
+        fn = _compat.min_cut_partition if how == "min_cut" else _compat.default_partition
+        return fn(gm, [primals, tangents], num_fwd_outputs=num_fwd_outputs)
 
 
 _WORKSPACE_OPS = ("_efficient_attention_backward", "_flash_attention_backward", "_scaled_dot_product_efficient_attention_backward",

@@ -408,7 +408,8 @@ def _predict_tagged(joint, num_fwd_outputs, static, decisions, dev=None) -> Time
 
 def _predict_tagged_offload(joint, num_fwd_outputs, static, decisions, dev=None) -> tuple[Timeline, dict[str, str]]:
     saved_meta = {n.name: (n.meta.get("recompute"), n.meta.get("ufx")) for n in joint.graph.nodes}
-    g = torch.fx.GraphModule(joint, joint.graph)  # same graph: tag, predict on a copy, untag
+    with _compat.lazy_graph_modules():
+        g = _compat.graph_module(joint, joint.graph)  # same graph: tag, predict on a copy, untag
     try:
         _tag(g, decisions)
         return predict_planned(g, num_fwd_outputs, static, dev)
