@@ -257,3 +257,14 @@ def test_plan_memory_pass_through_the_backend(tmp_path):
     again = get_pass("plan_memory").run(joint, PassContext(options=Options.from_user({"memory_budget": budget}),
                                                            params=ctx.params, num_fwd_outputs=ctx.num_fwd_outputs))
     assert again.modified is False and again.stats["predicted_peak"] <= budget
+
+
+def test_the_planners_partition_writes_no_code_until_a_graph_runs():
+    # the planner partitions to walk the graphs; writing their Python code cost a quarter of the 7B's plan
+    joint, nfwd = _relu_mm()
+    fw, bw = M.partition(joint, nfwd)
+    assert "_code" not in fw.__dict__  # GraphModule.recompile sets _code; a lazy module defers it
+    w, x = torch.randn(256, 512), torch.randn(64, 256)
+    out = fw(w, x)  # still runnable: the code is written on the first call
+    assert torch.allclose(out[0], torch.relu(x @ w).sum())
+    assert "_code" in fw.__dict__
