@@ -268,3 +268,33 @@ def test_the_planners_partition_writes_no_code_until_a_graph_runs():
     out = fw(w, x)  # still runnable: the code is written on the first call
     assert torch.allclose(out[0], torch.relu(x @ w).sum())
     assert "_code" in fw.__dict__
+
+
+def test_the_partition_cache_walks_the_same_graphs_for_each_policy(monkeypatch):
+    from unsloth_fx.memory import whole
+    from unsloth_fx.zoo import build_model
+
+    tr = whole.trace_step(build_model("tiny-qwen2", device="meta"), 1, 64, torch.bfloat16, 4, "inductor")
+    dev = S.DeviceModel()
+
+    def candidates(spec):
+        st = whole._set_lower(M.static_breakdown(tr.rows, spec, True), "inductor")
+        st.inputs = M.inputs_bytes(tr.joint)
+        return whole.minimum_candidates(tr.joint, tr.nfwd, st, dev)
+
+    def sig(tl):  # the offload walker's frees within one step come in no fixed order: compare them as a multiset
+        return None if tl is None else (tl.peak, tl.peak_node, tl.saved_bytes,
+                                        sorted(str((e.kind, e.node, e.bytes, e.step)) for e in tl.events))
+
+    specs = ("hybrid", "int4/int4", "int8/int8")
+    want = {s: [sig(t) for t in candidates(s)] for s in specs}
+    calls = []
+    real = M.partition
+    monkeypatch.setattr(M, "partition", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(S, "partition", M.partition)
+    with S.partition_cache():
+        got = {s: [sig(t) for t in candidates(s)] for s in specs}
+    assert got == want
+    assert want["hybrid"][0][0] != want["int4/int4"][0][0]  # the policies do differ (their static bytes)
+    n_plans = sum(t is not None for t in want["hybrid"])  # all saved, then the candidates that found a plan
+    assert n_plans >= 3 and len(calls) == n_plans  # partitioned once per plan, not once per plan and policy

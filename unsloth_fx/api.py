@@ -282,11 +282,14 @@ def _candidate_floors(tr: Any, optimizer: str, fuse: bool, lower: str, cache: di
 
     st = _set_lower(M.static_breakdown(tr.rows, optimizer, fuse), lower)
     st.inputs = M.inputs_bytes(tr.joint)
-    base = M.predict(tr.joint, tr.nfwd, st)
     dev = S.DeviceModel()
-    if (key, "decisions") not in cache:  # the solves depend on the graph only: once per trace
-        cache[key, "decisions"] = minimum_decisions(tr.joint, tr.nfwd, base.saved_bytes, dev)
-    cands = minimum_candidates(tr.joint, tr.nfwd, st, dev, list(cache[key, "decisions"]))
+    # the partitioned graphs depend on the trace and the decisions, not on the policy: partitioned once per
+    # trace, walked again per policy
+    with S.partition_cache(cache.setdefault((key, "partitions"), {})):
+        base = S.predict_base(tr.joint, tr.nfwd, st)
+        if (key, "decisions") not in cache:  # the solves depend on the graph only: once per trace
+            cache[key, "decisions"] = minimum_decisions(tr.joint, tr.nfwd, base.saved_bytes, dev)
+        cands = minimum_candidates(tr.joint, tr.nfwd, st, dev, list(cache[key, "decisions"]))
     return cands[0].peak - st.resident, [None if c is None else c.peak - st.resident for c in cands]
 
 

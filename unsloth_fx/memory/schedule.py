@@ -33,9 +33,10 @@ materialize them, and are reported as unavailable.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import astuple, dataclass, field, replace
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ import torch.fx
 
 from unsloth_fx import _compat
 from unsloth_fx.memory.model import (Static, Timeline, _Walker, forward_nodes, partition, predict, round_block,
-                                     storage_size)
+                                     simulate, storage_size)
 from unsloth_fx.options import format_bytes
 from unsloth_fx.pass_base import ufx
 
@@ -319,7 +320,7 @@ def minimum_plan(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Stat
     :func:`offload_minimum` (the fewest device bytes kept, offload free). Each is a
     plan :func:`plan` reaches: it falls back to no-offload plans, then to
     :func:`offload_minimum` itself."""
-    base = predict(joint, num_fwd_outputs, static)
+    base = predict_base(joint, num_fwd_outputs, static)
     best: tuple[dict[str, str], Timeline] = ({}, base)
     plain = replace(dev, offload=False)
     decs = minimum_decisions(joint, num_fwd_outputs, base.saved_bytes, dev)
@@ -389,17 +390,64 @@ def predict_planned(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: S
     the values tagged ``decision="offload"`` moved to host by the same transforms the
     offload_activations / reload_activations passes apply. Returns the timeline and
     {saved name: host node name} of what was really offloaded."""
+    graphs = _planned_graphs(joint, num_fwd_outputs, dev)
+    return _walk_planned(joint, num_fwd_outputs, static, *graphs), graphs[2]
+
+
+def _planned_graphs(joint: torch.fx.GraphModule, num_fwd_outputs: int,
+                    dev: DeviceModel | None) -> tuple[Any, Any, dict[str, str], bool]:
+    """:func:`predict_planned`'s graphs: (forward, backward, offloaded {saved: host node}, whether any
+    value was tagged for offload)."""
     from unsloth_fx.passes.offload_activations import offload_forward, reload_backward
 
     wanted = any(n.meta.get("ufx") is not None and n.meta["ufx"].decision == "offload" for n in joint.graph.nodes)
-    if not wanted:
-        return predict(joint, num_fwd_outputs, static), {}
     fw, bw = partition(joint, num_fwd_outputs)
+    if not wanted:
+        return fw, bw, {}, False
     done = offload_forward(fw, num_fwd_outputs)
     reload_backward(bw, done, dev)
+    return fw, bw, done, True
+
+
+def _walk_planned(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Static, fw: Any, bw: Any,
+                  done: dict[str, str], wanted: bool) -> Timeline:
     rec = {n.name for n in forward_nodes(joint, num_fwd_outputs)}
-    tl = _OffloadWalker(static, rec, set(done)).run(fw, bw, num_fwd_outputs, False)
-    return tl, done
+    if not wanted:
+        return simulate(fw, bw, num_fwd_outputs, static, recomputable=rec)
+    return _OffloadWalker(static, rec, set(done)).run(fw, bw, num_fwd_outputs, False)
+
+
+# the partitioned graphs of earlier predictions, while partition_cache() is active: {key: (fw, bw, done, joint)}
+_PARTITIONS: dict[tuple, tuple] | None = None
+
+
+@contextlib.contextmanager
+def partition_cache(store: dict | None = None) -> Iterator[None]:
+    """Inside, a prediction of the same joint graph with the same decisions (and device rates)
+    reuses the partitioned and offload-transformed graphs of the first one and only walks them
+    again with its own :class:`Static`. The tier ladder predicts one trace's minimum-plan
+    candidates once per optimizer policy: the graphs are the same, only the static bytes differ.
+    ``store``: the dict to keep them in (to share them between scopes), else a new one, or the
+    enclosing scope's. The joint graphs must not change while it holds them."""
+    global _PARTITIONS
+    outer = _PARTITIONS
+    _PARTITIONS = store if store is not None else {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _PARTITIONS = outer
+
+
+def predict_base(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Static) -> Timeline:
+    """``predict`` (the joint graph's own tags, no decisions of ours), through :func:`partition_cache`
+    when it is active."""
+    if _PARTITIONS is None:
+        return predict(joint, num_fwd_outputs, static)
+    key = (id(joint.graph), num_fwd_outputs, "base")
+    if key not in _PARTITIONS:
+        _PARTITIONS[key] = (*partition(joint, num_fwd_outputs), {}, False, joint)  # the joint keeps its id unique
+    fw, bw, done, wanted, _ = _PARTITIONS[key]
+    return _walk_planned(joint, num_fwd_outputs, static, fw, bw, done, wanted)
 
 
 def _predict_tagged(joint, num_fwd_outputs, static, decisions, dev=None) -> Timeline:
@@ -407,12 +455,24 @@ def _predict_tagged(joint, num_fwd_outputs, static, decisions, dev=None) -> Time
 
 
 def _predict_tagged_offload(joint, num_fwd_outputs, static, decisions, dev=None) -> tuple[Timeline, dict[str, str]]:
+    if _PARTITIONS is None:
+        graphs = _tagged_graphs(joint, num_fwd_outputs, decisions, dev)
+    else:
+        key = (id(joint.graph), num_fwd_outputs, frozenset(decisions.items()), None if dev is None else astuple(dev))
+        if key not in _PARTITIONS:
+            _PARTITIONS[key] = (*_tagged_graphs(joint, num_fwd_outputs, decisions, dev), joint)
+        graphs = _PARTITIONS[key][:4]
+    return _walk_planned(joint, num_fwd_outputs, static, *graphs), graphs[2]
+
+
+def _tagged_graphs(joint, num_fwd_outputs, decisions, dev=None) -> tuple[Any, Any, dict[str, str], bool]:
+    """:func:`_planned_graphs` of ``joint`` tagged with ``decisions``; the joint graph's tags are restored."""
     saved_meta = {n.name: (n.meta.get("recompute"), n.meta.get("ufx")) for n in joint.graph.nodes}
     with _compat.lazy_graph_modules():
-        g = _compat.graph_module(joint, joint.graph)  # same graph: tag, predict on a copy, untag
+        g = _compat.graph_module(joint, joint.graph)  # same graph: tag, partition, untag
     try:
         _tag(g, decisions)
-        return predict_planned(g, num_fwd_outputs, static, dev)
+        return _planned_graphs(g, num_fwd_outputs, dev)
     finally:
         for n in joint.graph.nodes:
             rec, u = saved_meta[n.name]
@@ -438,7 +498,7 @@ def plan(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Static, budg
     ``force_offload``: forward node names (or {"all"}) to offload whatever the cost
     (a test and debugging hook; names that cannot be offloaded are ignored)."""
     dev = dev or DeviceModel()
-    base = predict(joint, num_fwd_outputs, static)
+    base = predict_base(joint, num_fwd_outputs, static)
     p = Plan(budget, True, False, base, base, step_s=step_seconds(joint, dev), warnings=list(base.warnings),
              device_model=dev)
     if force_offload and (budget is None or base.peak <= budget):

@@ -283,7 +283,7 @@ def minimum_candidates(joint: Any, nfwd: int, st: M.Static, dev: S.DeviceModel,
     at :data:`OFFLOAD_CANDIDATE`; None where a solve gave no plan or offload is off). The first
     with the lowest peak is ``minimum_plan``'s. ``decisions``: :func:`minimum_decisions` of this
     graph, if already solved."""
-    base = M.predict(joint, nfwd, st)
+    base = S.predict_base(joint, nfwd, st)
     decs = decisions if decisions is not None else minimum_decisions(joint, nfwd, base.saved_bytes, dev)
     plain = dataclasses.replace(dev, offload=False)
     devs = [plain] * (OFFLOAD_CANDIDATE - 1) + [dev]
@@ -320,6 +320,13 @@ def estimate(name: str, *, batch: int = 1, seq: int = 2048, dtype=torch.bfloat16
     ``overrides``: config overrides for the zoo model (e.g. ``num_hidden_layers``); ``workspace``: bytes
     reserved for the CUDA library workspaces (``plan_memory.CUDA_WORKSPACE_RESERVE`` on a GPU, 0 on CPU),
     resident through the step."""
+    with S.partition_cache():  # the variants' candidates and the plan share partitions of the same graph
+        return _estimate(name, batch, seq, dtype, optimizer, fuse_optimizer, budget, full, dev, progress, chunks,
+                         lower, overrides, workspace)
+
+
+def _estimate(name, batch, seq, dtype, optimizer, fuse_optimizer, budget, full, dev, progress, chunks, lower,
+              overrides, workspace) -> Estimate:
     dev = dev or S.DeviceModel()
     st, config = full_static(name, dtype, optimizer, fuse_optimizer, batch, seq, lower, overrides, workspace)
     n_dense, n_moe = _layers(config)
