@@ -48,6 +48,22 @@ def test_a_variant_past_its_timeout_is_killed_with_its_stacks_in_the_log(tmp_pat
     assert "most recent call first" in log and "_run_variant" in log, log[-2000:]
 
 
+@pytest.mark.slow
+def test_a_timed_out_worker_leaves_its_stacks_even_if_the_signal_does_nothing(tmp_path, monkeypatch):
+    """On the H100 (2026-12-07) a worker past its timeout left no stacks after SIGUSR1. The worker also dumps
+    them itself at a deadline just before the kill (a watchdog thread), into a file appended to the log."""
+    import subprocess
+
+    monkeypatch.setattr(subprocess.Popen, "send_signal", lambda self, sig: None)  # the signal is lost
+    cfg = {"model": "tiny-qwen2", "variant": "eager-amp", "steps": 20000, "seq": 8, "batch": 1, "lr": 1e-3,
+           "smoke": True}
+    rec = bench._run_in_subprocess(cfg, str(tmp_path), timeout=25.0)
+    assert rec["status"] == "timeout", rec
+    log = open(rec["log"]).read()
+    assert "the worker's stacks (at 20 s" in log and "most recent call first" in log and "_run_variant" in log, \
+        log[-2000:]
+
+
 def test_the_timing_lock_dies_with_its_holder_even_if_a_forked_child_lives_on(tmp_path, monkeypatch):
     """A holder that forks (a compile worker) and is then killed must not leave the lock held by the child:
     with flock the child kept it, and every later timed section would wait forever."""

@@ -272,10 +272,15 @@ def error_line(e: BaseException) -> str:
 def _worker(path: str) -> int:
     import faulthandler
 
-    # the orchestrator sends SIGUSR1 before killing a variant past its timeout: every thread's stack lands in
-    # the variant's log, so a stall says where it was
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
     cfg = json.load(open(path))
+    # a variant past its timeout must say where it was. The orchestrator sends SIGUSR1 before the kill, and the
+    # worker also dumps by itself at a deadline just before it (a watchdog thread: it needs no signal, which a
+    # library may take over, and no pipe): every thread's stack lands in a file the orchestrator appends to the
+    # variant's log. (On the H100, 2026-12-07, a worker past its timeout left no stacks after SIGUSR1 alone.)
+    stacks = open(cfg["stacks"], "w") if cfg.get("stacks") else sys.stderr
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+    if cfg.get("dump_after"):
+        faulthandler.dump_traceback_later(float(cfg["dump_after"]), repeat=False, file=stacks, exit=False)
     try:
         rec = run_variant(cfg)
     except Exception as e:  # noqa: BLE001 - classify, record, let the suite continue
@@ -296,8 +301,10 @@ def _run_in_subprocess(cfg: dict[str, Any], out: str, timeout: float) -> dict[st
     tag = f"{cfg['model']}__{cfg['variant']}"
     cfg_path, cfg["result"] = os.path.join(out, f"{tag}.cfg.json"), os.path.join(out, f"{tag}.result.json")
     log_path = os.path.join(out, f"{tag}.log")
-    if os.path.exists(cfg["result"]):
-        os.remove(cfg["result"])
+    cfg["stacks"], cfg["dump_after"] = os.path.join(out, f"{tag}.stacks"), max(timeout - 5.0, 1.0)
+    for f in (cfg["result"], cfg["stacks"]):
+        if os.path.exists(f):
+            os.remove(f)
     json.dump(cfg, open(cfg_path, "w"))
     env = dict(os.environ)
     env.setdefault("TORCH_LOGS", "recompiles")  # a recompile inside the timed steps is worth a line in the log
@@ -336,6 +343,9 @@ def _run_in_subprocess(cfg: dict[str, Any], out: str, timeout: float) -> dict[st
             proc.kill()
             proc.wait()
         reader.join(timeout=10)
+        if timed_out and os.path.exists(cfg["stacks"]):  # the worker's own dumps: at its deadline, then SIGUSR1's
+            log.write(f"--- the worker's stacks (at {cfg['dump_after']:.0f} s, then at the kill signal) ---\n")
+            log.write(open(cfg["stacks"]).read())
     wall = time.perf_counter() - t0
     if timed_out:
         rec = {"status": "timeout", "error": f"no result after {timeout:.0f} s"
