@@ -417,7 +417,8 @@ def _walk_planned(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Sta
     return _OffloadWalker(static, rec, set(done)).run(fw, bw, num_fwd_outputs, False)
 
 
-# the partitioned graphs of earlier predictions, while partition_cache() is active: {key: (fw, bw, done, joint)}
+# the partitioned graphs of earlier predictions, while partition_cache() is active:
+# {key: (fw, bw, offloaded, any offload tagged, the joint graph, held so that its id stays unique)}
 _PARTITIONS: dict[tuple, tuple] | None = None
 
 
