@@ -346,3 +346,26 @@ def test_plan_skips_the_no_offload_rounds_when_no_round_offloaded(monkeypatch):
     timed = [c for c in calls if not c[1]]
     assert timed and all(off for off, _, _ in timed)  # only rounds with offload allowed ...
     assert all("offload" not in (dec or {}).values() for _, _, dec in timed)  # ... which offloaded nothing
+
+
+
+def test_plan_memory_rounds_reach_the_planner_and_bad_values_fail(monkeypatch):
+    # plan_memory{rounds=0}: for a budget known to need the last resort (the 7B at 24 GiB, whose every
+    # time-optimal round misses), the compile goes straight to the fewest-device-bytes plan. What
+    # max_rounds=0 plans is tested above (test_offload_lowers_the_floor_and_plan_reaches_it); here the
+    # option reaches schedule.plan, and values it cannot honour fail the compile with the reason
+    from unsloth_fx.memory import schedule as S
+
+    seen = []
+    real = S.plan
+    monkeypatch.setattr(S, "plan", lambda *a, **k: seen.append(k.get("max_rounds")) or real(*a, **k))
+    w1, w2, x = torch.randn(24, 24, requires_grad=True), torch.randn(24, 24, requires_grad=True), torch.randn(16, 24)
+    for pipe, want in (("default", 6), ("default,plan_memory{rounds=0}", 0), ("default,plan_memory{rounds=2}", 2)):
+        torch._dynamo.reset()
+        torch.compile(_f, backend="unsloth", options={"lower": "eager", "pipeline": pipe})(w1, w2, x).backward()
+        assert seen[-1] == want, (pipe, seen)
+    for bad in ("rounds=-1", "rounds=0,offload=false"):
+        torch._dynamo.reset()
+        opts = {"lower": "eager", "pipeline": f"default,plan_memory{{{bad}}}"}
+        with pytest.raises(Exception, match="rounds must be 0 or more"):
+            torch.compile(_f, backend="unsloth", options=opts)(w1, w2, x)

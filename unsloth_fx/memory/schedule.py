@@ -496,6 +496,8 @@ def plan(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Static, budg
          dev: DeviceModel | None = None, max_rounds: int = 6, force_offload: set[str] | None = None) -> Plan:
     """Plan ``joint`` to ``budget`` bytes (None: predict only). Raises InfeasibleBudget.
 
+    ``max_rounds``: time-optimal MILP rounds tried (with offload, then without) before the fewest
+    device bytes; 0 goes straight to that last plan.
     ``force_offload``: forward node names (or {"all"}) to offload whatever the cost
     (a test and debugging hook; names that cannot be offloaded are ignored)."""
     dev = dev or DeviceModel()
@@ -528,7 +530,8 @@ def plan(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Static, budg
             if tl.peak <= budget:
                 best = (dec, tl, done)
                 p.warnings.append("planned with the fewest device bytes (offload wherever it can, recompute the "
-                                  "rest): the time-optimal plans did not fit the budget")
+                                  "rest): " + ("the time-optimal plans did not fit the budget" if max_rounds else
+                                               "asked for with max_rounds=0 (no time-optimal round tried)"))
     if best is None:
         _, mtl = minimum_plan(joint, num_fwd_outputs, static, dev)
         bd, text = _breakdown(static, mtl)
