@@ -245,3 +245,31 @@ def test_inductor_lowering_leaves_the_pipelines_graphs_as_the_passes_left_them()
     assert set(_SNAPSHOTS) == {"forward", "backward"}
     for k in ("forward", "backward"):
         assert backend.LAST[k].code == _SNAPSHOTS[k], k
+
+
+def test_long_compile_work_is_announced_on_stderr(capsys):
+    # options.progress: each pass, the AOT trace, the partition and each lowering that takes at least
+    # this many seconds gets one line on stderr (a large model's first step compiles for minutes);
+    # 0 announces everything, a negative value nothing
+    from unsloth_fx.options import OptionError, Options
+
+    def f(w, x):
+        return torch.relu(x @ w).sum()
+
+    w, x = torch.randn(8, 8, requires_grad=True), torch.randn(4, 8)
+    for progress in (0, -1):
+        torch._dynamo.reset()
+        capsys.readouterr()
+        torch.compile(f, backend="unsloth", options={"lower": "eager", "progress": progress})(w, x).backward()
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.startswith("unsloth-fx: graph ")]
+        if progress < 0:
+            assert lines == [], err
+            continue
+        text = "\n".join(lines)
+        FileCheck().check("joint trace (").check("joint pass plan_memory: ").check("partition: ").check(
+            "forward lowered (eager): ").check("backward lowered (eager): ").run(text)
+        assert all(re.search(r": \d+\.\d s$", ln) for ln in lines), lines
+    assert Options.from_user({}).progress == 5.0
+    with pytest.raises(OptionError, match="progress='soon'"):
+        Options.from_user({"progress": "soon"})

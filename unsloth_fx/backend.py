@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import time
 import warnings
 from typing import Any, Callable
 
@@ -30,7 +31,7 @@ from unsloth_fx import _compat
 from unsloth_fx.dump import Dumper
 from unsloth_fx.options import Options
 from unsloth_fx.pass_base import ParamInfo, PassContext, ufx
-from unsloth_fx.pipeline import Pipeline, run_stage
+from unsloth_fx.pipeline import Pipeline, announce, run_stage
 
 _graph_ids = itertools.count()
 
@@ -128,14 +129,18 @@ def unsloth(gm: torch.fx.GraphModule, example_inputs: list[Any], *, options: dic
     LAST.update(ctx=ctx, pipeline=pipeline, dump_dir=dumper.dir if dumper else None)
 
     gm = run_stage(pipeline, "pre_grad", gm, ctx, dumper)
+    t_trace = time.perf_counter()
 
     def partition(joint: torch.fx.GraphModule, joint_inputs: Any, *, num_fwd_outputs: int, **kw: Any):
+        announce(ctx, f"joint trace ({len(joint.graph.nodes)} nodes)", time.perf_counter() - t_trace)
         ctx.num_fwd_outputs = num_fwd_outputs
         _mark_joint_params(joint, ctx)
         joint = run_stage(pipeline, "joint", joint, ctx, dumper)
         joint.recompile()
         part = _compat.inductor_partition if opts.lower == "inductor" else _compat.min_cut_partition
+        t0 = time.perf_counter()
         fw, bw = part(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
+        announce(ctx, "partition", time.perf_counter() - t0)
         LAST["joint"] = joint
         return fw, bw
 
@@ -147,7 +152,10 @@ def unsloth(gm: torch.fx.GraphModule, example_inputs: list[Any], *, options: dic
                 dumper.final(stage, g)
                 dumper.finish(ctx)
             extra = {"is_backward": stage == "backward", "is_inference": stage == "inference", "graph_id": graph_id}
-            return _lower(opts, g, inputs, **extra)
+            t0 = time.perf_counter()
+            out = _lower(opts, g, inputs, **extra)
+            announce(ctx, f"{stage} lowered ({opts.lower})", time.perf_counter() - t0)
+            return out
 
         return compile_stage
 

@@ -97,6 +97,7 @@ class Options:
     dump: str | None = None  # directory for per-pass graphs, schedule and stats
     pipeline: str = "default"  # a pipeline string, e.g. "default,+my_pass"
     verify: bool | None = None  # check graph invariants between passes; None: on under pytest
+    progress: float = 5.0  # seconds: a pass, partition or lowering that takes this long is announced on stderr
 
     @property
     def verify_enabled(self) -> bool:
@@ -148,6 +149,11 @@ class Options:
                 out[k] = _parse_bool(k, v)
             elif k == "verify":
                 out[k] = None if v is None else _parse_bool(k, v)
+            elif k == "progress":
+                try:
+                    out[k] = float(v)
+                except (TypeError, ValueError):
+                    raise OptionError(f"progress={v!r}: expected seconds (a number; negative: never)") from None
             elif k == "lower":
                 out[k] = _choice(k, v, ("inductor", "eager"))
             elif k == "dump":

@@ -16,6 +16,7 @@ pipeline order within a stage. Between passes the runner verifies the graph
 from __future__ import annotations
 
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -148,6 +149,14 @@ class PassFailure(RuntimeError):
     """A pass raised, or left a graph that fails verification."""
 
 
+def announce(ctx: PassContext, what: str, seconds: float) -> None:
+    """One line on stderr for compile work that took at least ``options.progress`` seconds (a
+    first step of a large model compiles for minutes; this says where they go)."""
+    limit = getattr(ctx.options, "progress", -1.0)
+    if 0 <= limit <= seconds:
+        print(f"unsloth-fx: graph {ctx.graph_id} {what}: {seconds:.1f} s", file=sys.stderr, flush=True)
+
+
 def run_stage(
     pipeline: Pipeline,
     stage: str,
@@ -171,6 +180,7 @@ def run_stage(
             before = ", ".join(done) or "none"
             raise PassFailure(f"pass {spec.name!r} ({stage} stage) failed: {e} [passes before it: {before}]") from e
         ms = (time.perf_counter() - t0) * 1e3
+        announce(ctx, f"{stage} pass {spec.name}", ms / 1e3)
         gm = res.graph_module
         stats = {"modified": res.modified, "ms": round(ms, 3), **res.stats}
         ctx.stats.setdefault(stage, {})[spec.name] = stats
