@@ -60,16 +60,22 @@ def _pipeline_credits(ctx: PassContext) -> tuple[bool, int | None, bool]:
 
 @graph_pass(name="plan_memory", stage="joint", options={"optimizer": "adamw", "keep_outputs": False, "offload": True,
                                                        "h2d_gbps": 25.0, "d2h_gbps": 25.0, "force_offload": "",
-                                                       "workspace_reserve": -1, "rounds": 6})
+                                                       "workspace_reserve": -1, "rounds": 6,
+                                                       "layer_checkpoints": "fallback"})
 def plan_memory(gm: torch.fx.GraphModule, ctx: PassContext, optimizer: str = "adamw",
                 keep_outputs: bool = False, offload: bool = True, h2d_gbps: float = 25.0,
                 d2h_gbps: float = 25.0, force_offload: str = "", workspace_reserve: int = -1,
-                rounds: int = 6) -> PassResult:
+                rounds: int = 6, layer_checkpoints: str = "fallback") -> PassResult:
     """Predict the step's memory timeline; with a memory_budget, choose save/recompute/offload per activation.
 
     ``rounds``: how many time-optimal MILP rounds to try before the fallbacks (schedule.plan's
     ``max_rounds``). 0 goes straight to the fewest device bytes (offload wherever it lowers the
-    peak, then recompute): for a budget known to need that plan, it skips solves that would miss."""
+    peak, then recompute): for a budget known to need that plan, it skips solves that would miss.
+    ``layer_checkpoints``: ``"fallback"``, ``"first"`` or ``"off"``: when to try rounds in which the
+    residual stream between decoder layers is never recomputed (schedule.plan)."""
+    if layer_checkpoints not in schedule.LAYER_CHECKPOINTS:
+        raise ValueError(f"plan_memory: layer_checkpoints={layer_checkpoints!r}; expected one of "
+                         f"{', '.join(schedule.LAYER_CHECKPOINTS)}")
     if int(rounds) < 0 or (int(rounds) == 0 and not offload):
         raise ValueError(f"plan_memory: rounds={rounds!r} with offload={offload}: rounds must be 0 or more, "
                          "and 0 (the fewest device bytes) needs offload")
@@ -88,7 +94,8 @@ def plan_memory(gm: torch.fx.GraphModule, ctx: PassContext, optimizer: str = "ad
     try:
         dev = schedule.DeviceModel(h2d_bytes_per_s=h2d_gbps * 1e9, d2h_bytes_per_s=d2h_gbps * 1e9, offload=offload)
         forced = {t for t in force_offload.replace(" ", "+").split("+") if t}
-        plan = schedule.plan(gm, nfwd, static, budget, dev, max_rounds=int(rounds), force_offload=forced or None)
+        plan = schedule.plan(gm, nfwd, static, budget, dev, max_rounds=int(rounds), force_offload=forced or None,
+                             layer_checkpoints=layer_checkpoints)
     except schedule.InfeasibleBudget:
         raise
     except Exception as e:  # the prediction must never break a compile that asked for no budget

@@ -5,6 +5,7 @@ offload_activations / reload_activations passes (copy nodes placed after the las
 forward use / before the first backward use) and numerics unchanged by them."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -358,14 +359,82 @@ def test_plan_memory_rounds_reach_the_planner_and_bad_values_fail(monkeypatch):
 
     seen = []
     real = S.plan
-    monkeypatch.setattr(S, "plan", lambda *a, **k: seen.append(k.get("max_rounds")) or real(*a, **k))
+    monkeypatch.setattr(S, "plan", lambda *a, **k: seen.append((k.get("max_rounds"), k.get("layer_checkpoints")))
+                        or real(*a, **k))
     w1, w2, x = torch.randn(24, 24, requires_grad=True), torch.randn(24, 24, requires_grad=True), torch.randn(16, 24)
-    for pipe, want in (("default", 6), ("default,plan_memory{rounds=0}", 0), ("default,plan_memory{rounds=2}", 2)):
+    for pipe, want in (("default", (6, "fallback")), ("default,plan_memory{rounds=0}", (0, "fallback")),
+                       ("default,plan_memory{rounds=2,layer_checkpoints=first}", (2, "first"))):
         torch._dynamo.reset()
         torch.compile(_f, backend="unsloth", options={"lower": "eager", "pipeline": pipe})(w1, w2, x).backward()
         assert seen[-1] == want, (pipe, seen)
-    for bad in ("rounds=-1", "rounds=0,offload=false"):
+    for bad, why in (("rounds=-1", "rounds must be 0 or more"), ("rounds=0,offload=false", "rounds must be 0 or more"),
+                     ("layer_checkpoints=always", "layer_checkpoints='always'; expected one of fallback, first, off")):
         torch._dynamo.reset()
         opts = {"lower": "eager", "pipeline": f"default,plan_memory{{{bad}}}"}
-        with pytest.raises(Exception, match="rounds must be 0 or more"):
+        with pytest.raises(Exception, match=re.escape(why)):
             torch.compile(_f, backend="unsloth", options=opts)(w1, w2, x)
+
+
+def _restore_tags(joint):
+    """A callable that puts the joint graph's recompute tags back as they are now (plan() tags it)."""
+    snap = {n.name: (n.meta.get("recompute"), n.meta.get("ufx")) for n in joint.graph.nodes}
+
+    def restore():
+        for n in joint.graph.nodes:
+            for key, v in zip(("recompute", "ufx"), snap[n.name]):
+                n.meta.pop(key, None) if v is None else n.meta.__setitem__(key, v)
+
+    return restore
+
+
+def test_layer_boundaries_are_the_residual_stream_between_decoder_layers():
+    joint, nfwd, _ = _tiny_qwen2_step(layers=4)
+    names = S.layer_boundaries(joint, nfwd)
+    nodes = {n.name: n for n in joint.graph.nodes}
+    assert len(names) == 4 and "embedding" in names, names  # the embedding, then the outputs of layers 0..2
+    for name in names - {"embedding"}:
+        made = S._layer_of(nodes[name])
+        read = {S._layer_of(u) for u in nodes[name].users} - {None}
+        assert made is not None and made + 1 in read, (name, made, read)
+    # the chunked MLPs' concatenations carry no layer but are made inside one: not boundaries
+    assert not any(nodes[k].target is torch.ops.aten.cat.default for k in names)
+    # no decoder layers in the module stack, no boundaries
+    restore = {n: n.meta.pop("nn_module_stack", None) for n in joint.graph.nodes}
+    try:
+        assert S.layer_boundaries(joint, nfwd) == set()
+    finally:
+        for n, v in restore.items():
+            if v is not None:
+                n.meta["nn_module_stack"] = v
+
+
+def test_plan_pins_the_layer_boundaries_when_the_time_optimal_rounds_miss(monkeypatch):
+    # tiny-qwen2, 4 layers, a budget 40% of the way from the floor to the all-saved peak: the time-optimal
+    # rounds recompute the residual stream and miss, and without pinned rounds the plan falls to the fewest
+    # device bytes (everything offloadable offloaded); with the boundaries pinned a time-optimal round fits,
+    # estimated several times faster. Numbers from the model, CPU.
+    joint, nfwd, st = _tiny_qwen2_step(layers=4)
+    restore = _restore_tags(joint)
+    base = S.predict_base(joint, nfwd, st)
+    floor = S.minimum_plan(joint, nfwd, st, S.DeviceModel())[1].peak
+    budget = int(floor + 0.4 * (base.peak - floor))
+    pins = S.layer_boundaries(joint, nfwd)
+    calls = []
+    real = S.solve
+    monkeypatch.setattr(S, "solve", lambda *a, **k: calls.append(bool(k.get("pinned"))) or real(*a, **k))
+    plans = {}
+    for mode in ("off", "fallback", "first"):
+        restore()
+        calls.clear()
+        p = plans[mode] = S.plan(joint, nfwd, st, budget, S.DeviceModel(), layer_checkpoints=mode)
+        assert p.feasible and p.timeline.peak <= budget, (mode, p.timeline.peak, budget)
+        if mode == "off":
+            assert not any(calls) and any("fewest device bytes" in w for w in p.warnings), p.warnings
+            continue
+        assert all(p.decisions.get(k) != "recompute" for k in pins), {k: p.decisions.get(k) for k in pins}
+        assert any("layer boundaries" in w for w in p.warnings), p.warnings
+        assert calls[0] is (mode == "first") and any(calls), calls  # first: pinned rounds come first
+        assert p.overhead_s < plans["off"].overhead_s / 2, (p.overhead_s, plans["off"].overhead_s)
+    restore()
+    with pytest.raises(ValueError, match="layer_checkpoints='sometimes'"):
+        S.plan(joint, nfwd, st, budget, S.DeviceModel(), layer_checkpoints="sometimes")

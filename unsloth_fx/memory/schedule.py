@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from dataclasses import astuple, dataclass, field, replace
 from typing import Any, Iterator
 
@@ -197,11 +198,13 @@ MIP_REL_GAP = 1e-3  # solve()'s optimality gap: a plan within 0.1% of the least 
 
 
 def solve(joint: torch.fx.GraphModule, num_fwd_outputs: int, limit: int, dev: DeviceModel,
-          force_recompute: bool = False, force_offload: set[str] | None = None) -> dict[str, str] | None:
+          force_recompute: bool = False, force_offload: set[str] | None = None,
+          pinned: set[str] | frozenset[str] = frozenset()) -> dict[str, str] | None:
     """One MILP: keep at most ``limit`` device bytes across the gap. Returns decisions
     (node name -> "save" | "recompute" | "offload") or None if infeasible.
     ``force_recompute``: minimize kept bytes instead of time (offloading is free then).
-    ``force_offload``: node names that must be offloaded (when they can be)."""
+    ``force_offload``: node names that must be offloaded (when they can be).
+    ``pinned``: node names that are never recomputed (saved or offloaded; :func:`layer_boundaries`)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import lil_matrix
 
@@ -230,7 +233,7 @@ def solve(joint: torch.fx.GraphModule, num_fwd_outputs: int, limit: int, dev: De
         # a view costs its base's bytes when kept (it keeps the base alive)
         size[i] = round_block(storage_size(base.meta["val"]).nbytes)
         cost[i] = node_seconds(n, dev)
-        if not _recomputable(n):
+        if not _recomputable(n) or n.name in pinned:
             can_rec[i] = 0
         if n.name in windows and base is n and offloadable(n):
             can_off[i] = 1
@@ -353,6 +356,46 @@ def offload_minimum(joint: torch.fx.GraphModule, num_fwd_outputs: int, dev: Devi
     if not dev.offload:
         return None
     return solve(joint, num_fwd_outputs, 2**62, dev, force_recompute=True)
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+
+
+def _layer_of(n: torch.fx.Node) -> int | None:
+    """The decoder layer index a node was traced in (``...layers.N...`` in its module stack), or None."""
+    found = [int(m.group(1)) for path, *_ in (n.meta.get("nn_module_stack") or {}).values()
+             for m in [_LAYER.search(str(path))] if m]
+    return max(found) if found else None
+
+
+def layer_boundaries(joint: torch.fx.GraphModule, num_fwd_outputs: int) -> set[str]:
+    """The residual stream between decoder layers: forward values made before layer N (in an earlier
+    layer, or outside every layer, as the embedding) that layer N reads, shaped like the embedding's
+    output. Recomputing them chains every layer's recompute to the one before it: torch's partitioner
+    recomputes each value once, for its first backward reader, so a chain started by the LM head's
+    backward keeps every layer's recomputed values alive until that layer's backward (the 7B at
+    24 GiB: 38.73 GiB predicted, docs/memory.md). Empty for graphs without ``layers.N`` modules."""
+    fwd = forward_nodes(joint, num_fwd_outputs)
+    emb = next((n for n in fwd if n.target is torch.ops.aten.embedding.default), None)
+    if emb is None or not isinstance(emb.meta.get("val"), torch.Tensor):
+        return set()
+    shape = tuple(emb.meta["val"].shape)
+    layers = {n: _layer_of(n) for n in fwd}
+    pos = {n: i for i, n in enumerate(fwd)}
+    first = next((i for i, n in enumerate(fwd) if layers[n] is not None), len(fwd))
+    out: set[str] = set()
+    for n in fwd:
+        layer = layers[n]
+        if layer is None:
+            continue
+        for a in n.all_input_nodes:
+            before = layers.get(a)
+            # made in an earlier layer, or outside the layers before the first one (the embedding); a value
+            # without a layer made later (a chunking pass's concatenation inside a layer) is not a boundary
+            if (a in pos and a.op != "placeholder" and (before < layer if before is not None else pos[a] < first)
+                    and isinstance(a.meta.get("val"), torch.Tensor) and tuple(a.meta["val"].shape) == shape):
+                out.add(a.name)
+    return out
 
 
 class _OffloadWalker(_Walker):
@@ -492,12 +535,19 @@ def step_seconds(joint: torch.fx.GraphModule, dev: DeviceModel) -> float:
     return sum(node_seconds(n, dev) for n in joint.graph.nodes if n.op == "call_function")
 
 
+LAYER_CHECKPOINTS = ("fallback", "first", "off")
+
+
 def plan(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Static, budget: int | None,
-         dev: DeviceModel | None = None, max_rounds: int = 6, force_offload: set[str] | None = None) -> Plan:
+         dev: DeviceModel | None = None, max_rounds: int = 6, force_offload: set[str] | None = None,
+         layer_checkpoints: str = "fallback") -> Plan:
     """Plan ``joint`` to ``budget`` bytes (None: predict only). Raises InfeasibleBudget.
 
-    ``max_rounds``: time-optimal MILP rounds tried (with offload, then without) before the fewest
-    device bytes; 0 goes straight to that last plan.
+    ``max_rounds``: time-optimal MILP rounds tried in each stage (with offload, then without, then
+    with the layer boundaries pinned) before the fewest device bytes; 0 goes straight to that last plan.
+    ``layer_checkpoints``: when to try rounds that never recompute :func:`layer_boundaries` (classic
+    per-layer checkpoints, each kept on the device or offloaded): ``"fallback"`` after the unpinned
+    rounds miss, ``"first"`` before them, ``"off"`` never.
     ``force_offload``: forward node names (or {"all"}) to offload whatever the cost
     (a test and debugging hook; names that cannot be offloaded are ignored)."""
     dev = dev or DeviceModel()
@@ -513,6 +563,18 @@ def plan(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Static, budg
     if budget is None or base.peak <= budget:
         p.feasible = budget is None or base.peak <= budget
         return p
+    if layer_checkpoints not in LAYER_CHECKPOINTS:
+        raise ValueError(f"layer_checkpoints={layer_checkpoints!r}: expected one of {', '.join(LAYER_CHECKPOINTS)}")
+    pins = layer_boundaries(joint, num_fwd_outputs) if layer_checkpoints != "off" and not force_offload else set()
+    pinned_note = (f"layer boundaries (the residual stream, {len(pins)} values) saved or offloaded, never recomputed: "
+                   "the time-optimal rounds " + ("with them pinned came first (layer_checkpoints=first)"
+                                                  if layer_checkpoints == "first" else "without that did not fit"))
+    best, offloaded = None, None
+    if pins and layer_checkpoints == "first":
+        best, _ = _rounds(joint, num_fwd_outputs, static, budget, base, dev, max_rounds, None, p, pinned=pins)
+        if best is not None:
+            p.warnings.append(pinned_note)
+            return _finish(p, joint, *best, dev, num_fwd_outputs)
     best, offloaded = _rounds(joint, num_fwd_outputs, static, budget, base, dev, max_rounds, force_offload, p)
     if best is None and dev.offload and not force_offload and offloaded is not False:
         # the time-optimal plans with offload did not fit: plan as without it before giving up. (When no
@@ -521,6 +583,12 @@ def plan(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Static, budg
         best, _ = _rounds(joint, num_fwd_outputs, static, budget, base, plain, max_rounds, None, p)
         if best is not None:
             p.device_model = dev = plain
+    if best is None and pins and layer_checkpoints == "fallback":
+        # the time-optimal rounds recomputed the residual stream and chained every layer's recompute
+        # together in backward; with it kept (saved or offloaded) each layer recomputes alone
+        best, _ = _rounds(joint, num_fwd_outputs, static, budget, base, dev, max_rounds, None, p, pinned=pins)
+        if best is not None:
+            p.warnings.append(pinned_note)
     if best is None and dev.offload and not force_offload:
         # last: the fewest device bytes with offload, whatever the transfers cost (slower, but it
         # is the only plan that fits; minimum_plan counts it, so the floor it reports is reachable)
@@ -546,7 +614,8 @@ def plan(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Static, budg
 
 def _rounds(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Static, budget: int, base: Timeline,
             dev: DeviceModel, max_rounds: int, force_offload: set[str] | None,
-            p: Plan) -> tuple[tuple[dict[str, str], Timeline, dict[str, str]] | None, bool | None]:
+            p: Plan, pinned: set[str] | frozenset[str] = frozenset()
+            ) -> tuple[tuple[dict[str, str], Timeline, dict[str, str]] | None, bool | None]:
     """The time-optimal MILP at the bytes the budget leaves for kept activations, lowered by the
     predicted excess and solved again, up to ``max_rounds`` times. Returns ((decisions, timeline,
     offloaded) of the first plan predicted to fit, or None; whether any round's plan offloaded, None when
@@ -556,7 +625,8 @@ def _rounds(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Static, b
     offloaded = None  # None: no round found a plan (a solve can also fail by its time limit)
     for rnd in range(1, max_rounds + 1):
         p.rounds = rnd
-        dec = solve(joint, num_fwd_outputs, max(limit, 0), dev, force_offload=force_offload) if limit > 0 else None
+        dec = solve(joint, num_fwd_outputs, max(limit, 0), dev, force_offload=force_offload,
+                    pinned=pinned) if limit > 0 else None
         if dec is None:
             break
         offloaded = bool(offloaded) or "offload" in dec.values()
