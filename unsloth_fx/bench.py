@@ -60,12 +60,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "ufx-24GiB-16chunks": ("unsloth-fx, budget 24 GiB, HybridAdamW, 16 token chunks", {"ufx": "24GiB", "chunks": 16}),
     # the same with the tier the early check picks there (int4/int4) fixed and no early check: the check and its
     # tier ladder take minutes on the 7B (docs/memory.md, "Planner time"); the compile's plan_memory still
-    # plans for 24 GiB and refuses it if it does not fit. rounds=0: on the CPU planner every time-optimal round
-    # misses 24 GiB there and the plan is the fewest-device-bytes one, so the compile goes straight to it
+    # plans for 24 GiB and refuses it if it does not fit. layer_checkpoints=first: on the CPU planner the unpinned
+    # time-optimal rounds all miss 24 GiB there (the residual stream's recompute chains the layers) and the rounds
+    # with the layer boundaries pinned fit (24.00 GiB, ~409 ms estimated overhead per step against 1037 ms for the
+    # fewest-device-bytes plan), so the compile tries those first
     "ufx-24GiB-16chunks-int4": ("unsloth-fx, budget 24 GiB, HybridAdamW int4/int4, 16 token chunks, no early check, "
-                                "fewest-device-bytes plan (plan_memory rounds=0)",
+                                "layer boundaries pinned first (plan_memory layer_checkpoints=first)",
                                 {"ufx": "24GiB", "chunks": 16, "tiers": "int4/int4", "check": False,
-                                 "pipeline": "default,plan_memory{optimizer={OPTIMIZER},rounds=0},"
+                                 "pipeline": "default,plan_memory{optimizer={OPTIMIZER},layer_checkpoints=first},"
                                              "+split_token_chunks{chunks=16},+fuse_linear_cross_entropy{chunks=16}"}),
 }
 # Loss ablation of the 7 GiB plan (issue 8): its tier (int4/int4) and 8 chunks fixed, one numeric choice changed

@@ -370,8 +370,8 @@ def _layer_of(n: torch.fx.Node) -> int | None:
 
 def layer_boundaries(joint: torch.fx.GraphModule, num_fwd_outputs: int) -> set[str]:
     """The residual stream between decoder layers: forward values made before layer N (in an earlier
-    layer, or outside every layer, as the embedding) that layer N reads, shaped like the embedding's
-    output. Recomputing them chains every layer's recompute to the one before it: torch's partitioner
+    layer, or outside every layer, as the embedding) that layer N reads, and the last layer's output
+    that the final norm reads, shaped like the embedding's output. Recomputing them chains every layer's recompute to the one before it: torch's partitioner
     recomputes each value once, for its first backward reader, so a chain started by the LM head's
     backward keeps every layer's recomputed values alive until that layer's backward (the 7B at
     24 GiB: 38.73 GiB predicted, docs/memory.md). Empty for graphs without ``layers.N`` modules."""
@@ -383,11 +383,15 @@ def layer_boundaries(joint: torch.fx.GraphModule, num_fwd_outputs: int) -> set[s
     layers = {n: _layer_of(n) for n in fwd}
     pos = {n: i for i, n in enumerate(fwd)}
     first = next((i for i, n in enumerate(fwd) if layers[n] is not None), len(fwd))
+    last = max((i for i, n in enumerate(fwd) if layers[n] is not None), default=len(fwd))
     out: set[str] = set()
     for n in fwd:
         layer = layers[n]
         if layer is None:
             continue
+        if (isinstance(n.meta.get("val"), torch.Tensor) and tuple(n.meta["val"].shape) == shape and n.users
+                and all(u in pos and layers[u] is None and pos[u] > last for u in n.users)):
+            out.add(n.name)  # read only after every layer: the last layer's output, read by the final norm
         for a in n.all_input_nodes:
             before = layers.get(a)
             # made in an earlier layer, or outside the layers before the first one (the embedding); a value
