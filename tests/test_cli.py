@@ -122,3 +122,16 @@ def test_package_exports_the_seed_api_lazily():
 
     with _pytest.raises(AttributeError, match="no attribute 'nope'"):
         unsloth_fx.nope  # noqa: B018
+
+
+def test_plan_names_host_transfers_in_the_overhead_when_it_offloads(capsys):
+    # at its floor tiny-qwen2 (seq 512) fits only by offloading; the overhead line then counts the exposed
+    # host transfers too, not recompute alone
+    assert main(["plan", "--model", "tiny-qwen2", "--seq", "512", "--budget", "1GiB", "--json", "--quiet",
+                 "--no-seq-search"]) == 0
+    floor = json.loads(capsys.readouterr().out)["peak_floor"]["total"]
+    assert main(["plan", "--model", "tiny-qwen2", "--seq", "512", "--budget", str(floor), "--no-seq-search"]) == 0
+    out = capsys.readouterr().out
+    decisions = next(ln for ln in out.splitlines() if "fits; decisions" in ln)
+    assert "offload" in decisions, out
+    assert "ms per step (recompute and exposed host transfers)" in out, out

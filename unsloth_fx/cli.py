@@ -160,7 +160,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
             else:
                 print(f"  budget {fb(budget)}: fits; decisions ({doc['decisions_scope']}): "
                       + ", ".join(f"{k} {v}" for k, v in sorted(decisions.items())))
-                print(f"  estimated overhead {overhead * 1e3:.1f} ms per step (recompute) over ~{step_s * 1e3:.1f} ms")
+                what = "recompute and exposed host transfers" if decisions.get("offload") else "recompute"
+                print(f"  estimated overhead {overhead * 1e3:.1f} ms per step ({what}) over ~{step_s * 1e3:.1f} ms")
             print(f"  largest seq that fits: " + ("not searched (--no-seq-search)" if a.no_seq_search
                                                   else str(largest) if largest else "none"))
             if plan:
