@@ -371,7 +371,9 @@ def _layer_of(n: torch.fx.Node) -> int | None:
 def layer_boundaries(joint: torch.fx.GraphModule, num_fwd_outputs: int) -> set[str]:
     """The residual stream between decoder layers: forward values made before layer N (in an earlier
     layer, or outside every layer, as the embedding) that layer N reads, and the last layer's output
-    that the final norm reads, shaped like the embedding's output. Recomputing them chains every layer's recompute to the one before it: torch's partitioner
+    that the final norm reads, shaped like the embedding's output.
+
+    Recomputing them chains every layer's recompute to the one before it: torch's partitioner
     recomputes each value once, for its first backward reader, so a chain started by the LM head's
     backward keeps every layer's recomputed values alive until that layer's backward (the 7B at
     24 GiB: 38.73 GiB predicted, docs/memory.md). Empty for graphs without ``layers.N`` modules."""
@@ -554,6 +556,8 @@ def plan(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Static, budg
     rounds miss, ``"first"`` before them, ``"off"`` never.
     ``force_offload``: forward node names (or {"all"}) to offload whatever the cost
     (a test and debugging hook; names that cannot be offloaded are ignored)."""
+    if layer_checkpoints not in LAYER_CHECKPOINTS:
+        raise ValueError(f"layer_checkpoints={layer_checkpoints!r}: expected one of {', '.join(LAYER_CHECKPOINTS)}")
     dev = dev or DeviceModel()
     base = predict_base(joint, num_fwd_outputs, static)
     p = Plan(budget, True, False, base, base, step_s=step_seconds(joint, dev), warnings=list(base.warnings),
@@ -567,13 +571,10 @@ def plan(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Static, budg
     if budget is None or base.peak <= budget:
         p.feasible = budget is None or base.peak <= budget
         return p
-    if layer_checkpoints not in LAYER_CHECKPOINTS:
-        raise ValueError(f"layer_checkpoints={layer_checkpoints!r}: expected one of {', '.join(LAYER_CHECKPOINTS)}")
     pins = layer_boundaries(joint, num_fwd_outputs) if layer_checkpoints != "off" and not force_offload else set()
     pinned_note = (f"layer boundaries (the residual stream, {len(pins)} values) saved or offloaded, never recomputed: "
                    "the time-optimal rounds " + ("with them pinned came first (layer_checkpoints=first)"
                                                   if layer_checkpoints == "first" else "without that did not fit"))
-    best, offloaded = None, None
     if pins and layer_checkpoints == "first":
         best, _ = _rounds(joint, num_fwd_outputs, static, budget, base, dev, max_rounds, None, p, pinned=pins)
         if best is not None:
