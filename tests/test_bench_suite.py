@@ -52,9 +52,12 @@ def test_a_variant_past_its_timeout_is_killed_with_its_stacks_in_the_log(tmp_pat
 def test_a_timed_out_worker_leaves_its_stacks_even_if_the_signal_does_nothing(tmp_path, monkeypatch):
     """On the H100 (2026-12-07) a worker past its timeout left no stacks after SIGUSR1. The worker also dumps
     them itself at a deadline just before the kill (a watchdog thread), into a file appended to the log."""
+    import signal
     import subprocess
 
-    monkeypatch.setattr(subprocess.Popen, "send_signal", lambda self, sig: None)  # the signal is lost
+    send = subprocess.Popen.send_signal  # SIGUSR1 is lost; the kill (Popen.kill sends through here) is not
+    monkeypatch.setattr(subprocess.Popen, "send_signal",
+                        lambda self, sig: None if sig == signal.SIGUSR1 else send(self, sig))
     cfg = {"model": "tiny-qwen2", "variant": "eager-amp", "steps": 20000, "seq": 8, "batch": 1, "lr": 1e-3,
            "smoke": True}
     rec = bench._run_in_subprocess(cfg, str(tmp_path), timeout=25.0)
@@ -62,6 +65,31 @@ def test_a_timed_out_worker_leaves_its_stacks_even_if_the_signal_does_nothing(tm
     log = open(rec["log"]).read()
     assert "the worker's stacks (at 20 s" in log and "most recent call first" in log and "_run_variant" in log, \
         log[-2000:]
+
+
+def test_the_stack_watchdog_does_not_kill_a_worker_busy_in_python(tmp_path):
+    """In CI (2026-12-07) the worker of the test above segfaulted at its deadline dump: faulthandler's C
+    watchdog reads frames without the GIL. Dumps 5 ms apart over a busy training loop for 3 s must leave the
+    loop alive (faulthandler.dump_traceback_later with repeat=True kills this loop within a second or two)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "stacks"
+    code = (
+        "import sys, time, torch\n"
+        "from unsloth_fx.bench import stack_watchdog\n"
+        f"f = open({str(out)!r}, 'w')\n"
+        "stack_watchdog(f, 0.0, every=0.005)\n"
+        "m = torch.nn.Linear(32, 32); opt = torch.optim.AdamW(m.parameters())\n"
+        "t0 = time.time()\n"
+        "while time.time() - t0 < 3.0:\n"
+        "    m(torch.randn(4, 32)).sum().backward(); opt.step(); opt.zero_grad()\n"
+        "print('alive', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "alive", (proc.returncode, proc.stderr[-2000:])
+    dumps = out.read_text().count("most recent call first")
+    assert dumps >= 20, dumps  # it did dump, many times, with the loop's frames in them
+    assert "<string>" in out.read_text()
 
 
 def test_the_timing_lock_dies_with_its_holder_even_if_a_forked_child_lives_on(tmp_path, monkeypatch):

@@ -275,6 +275,31 @@ def error_line(e: BaseException) -> str:
     return (real or lines or [type(e).__name__])[-1]
 
 
+def stack_watchdog(file: Any, after: float, every: float | None = None) -> threading.Thread:
+    """Write every thread's stack to ``file`` ``after`` seconds from now (then each ``every`` seconds, if given),
+    from a daemon Python thread.
+
+    Not ``faulthandler.dump_traceback_later``: its C watchdog reads the other threads' frames without the GIL,
+    and a worker busy in Python dies of it (in CI, 2026-12-07, a worker segfaulted at the dump; a loop of
+    dumps 10 ms apart kills a small training loop within seconds). This thread takes the GIL, so the frames
+    it reads are still. The price: a main thread that never lets go of the GIL is never dumped here; the
+    orchestrator's SIGUSR1 (``faulthandler.register``) is still sent before the kill for that case."""
+    import faulthandler
+
+    def run() -> None:
+        time.sleep(after)
+        while True:
+            faulthandler.dump_traceback(file=file, all_threads=True)
+            file.flush()
+            if every is None:
+                return
+            time.sleep(every)
+
+    t = threading.Thread(target=run, name="ufx-stack-watchdog", daemon=True)
+    t.start()
+    return t
+
+
 def _worker(path: str) -> int:
     import faulthandler
 
@@ -286,7 +311,7 @@ def _worker(path: str) -> int:
     stacks = open(cfg["stacks"], "w") if cfg.get("stacks") else sys.stderr
     faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     if cfg.get("dump_after"):
-        faulthandler.dump_traceback_later(float(cfg["dump_after"]), repeat=False, file=stacks, exit=False)
+        stack_watchdog(stacks, float(cfg["dump_after"]))
     try:
         rec = run_variant(cfg)
     except Exception as e:  # noqa: BLE001 - classify, record, let the suite continue
