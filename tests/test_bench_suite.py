@@ -245,3 +245,16 @@ def test_the_7b_variant_without_the_check_fixes_its_tier_and_chunks():
     assert "split_token_chunks{chunks=16}" in pipe and "fuse_linear_cross_entropy{chunks=16}" in pipe, pipe
     assert "plan_memory{optimizer=int4/int4,layer_checkpoints=first}" in pipe, pipe  # pinned rounds first
     assert rec["ufx"]["options"]["memory_budget"] == "64MiB"  # smoke: the tiny model's budget, still planned
+
+
+def test_the_lm_head_only_variant_chunks_the_lm_head_and_not_the_mlps():
+    rec = _one_step("ufx-7GiB-int4-lmhead", seq=64)
+    assert rec["status"] == "ok", rec
+    pipe = rec["ufx"]["options"]["pipeline"]
+    assert "fuse_linear_cross_entropy{chunks=8}" in pipe and "split_token_chunks" not in pipe, pipe
+    assert rec["ufx"]["check"] is None and rec["ufx"]["optimizer_policy"]["chosen"] == "int4/int4"
+    from unsloth_fx import backend
+
+    st = backend.LAST["ctx"].stats
+    assert st["pre_grad"]["fuse_linear_cross_entropy"]["fused"] == 1
+    assert "split_token_chunks" not in st["pre_grad"]

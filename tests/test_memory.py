@@ -298,3 +298,67 @@ def test_the_partition_cache_walks_the_same_graphs_for_each_policy(monkeypatch):
     assert want["hybrid"][0][0] != want["int4/int4"][0][0]  # the policies do differ (their static bytes)
     n_plans = sum(t is not None for t in want["hybrid"])  # all saved, then the candidates that found a plan
     assert n_plans >= 3 and len(calls) == n_plans  # partitioned once per plan, not once per plan and policy
+
+
+def _closure_knapsack(rng, m):
+    """A random instance of the planner's integer problem without offload: per node keep / recompute,
+    a value backward reads kept or recomputed, a recompute needs its inputs kept or recomputed, the kept
+    bytes under a limit. Returns (c, constraint, integrality, lb, ub, limit row)."""
+    import numpy as np
+    from scipy.optimize import LinearConstraint
+
+    rows, lo, hi = [], [], []
+    for i in range(m):
+        if rng.random() < 0.5:
+            rows.append({i: 1.0, m + i: 1.0}); lo.append(1.0); hi.append(np.inf)
+        for j in rng.choice(i, size=min(i, int(rng.integers(0, 3))), replace=False) if i else []:
+            rows.append({int(j): 1.0, m + int(j): 1.0, m + i: -1.0}); lo.append(0.0); hi.append(np.inf)
+    size = rng.integers(1, 100, m).astype(float)
+    rows.append({i: size[i] for i in range(m)}); lo.append(-np.inf); hi.append(float(size.sum() * rng.uniform(0.1, 0.6)))
+    A = np.zeros((len(rows), 2 * m))
+    for r, coef in enumerate(rows):
+        for k, v in coef.items():
+            A[r, k] = v
+    cost = rng.choice([0.0, 1.0, 5.0, 30.0], m) * rng.uniform(0.5, 1.5, m)
+    c = np.concatenate([size * 1e-6, cost + 1e-6])
+    ub = np.concatenate([np.ones(m), (rng.random(m) > 0.15).astype(float)])  # some ops cannot be recomputed
+    return c, LinearConstraint(A, np.array(lo), np.array(hi)), np.ones(2 * m), np.zeros(2 * m), ub
+
+
+def test_two_stage_milp_is_feasible_and_within_the_gap_of_the_optimum():
+    """_milp solves the LP relaxation, then the integers it left fractional; its plan must satisfy every
+    constraint and be within MIP_REL_GAP of the true optimum (HiGHS with no gap), or both say infeasible."""
+    import numpy as np
+    from scipy.optimize import Bounds, milp
+
+    rng = np.random.default_rng(0)
+    how = []
+    for _ in range(60):
+        c, cons, integ, lb, ub = _closure_knapsack(rng, int(rng.integers(5, 40)))
+        exact = milp(c, constraints=[cons], integrality=integ, bounds=Bounds(lb, ub), options={"mip_rel_gap": 0})
+        x = S._milp(c, cons, integ, lb, ub)
+        how.append(S.LAST_MILP["how"])
+        assert (x is None) == (exact.x is None), S.LAST_MILP
+        if x is None:
+            continue
+        assert np.allclose(x, np.round(x)) and np.all(x >= lb - 1e-9) and np.all(x <= ub + 1e-9)
+        ax = cons.A @ x
+        assert np.all(ax >= cons.lb - 1e-6) and np.all(ax <= cons.ub + 1e-6)
+        assert c @ x <= exact.fun + S.MIP_REL_GAP * abs(exact.fun) + 1e-9, (c @ x, exact.fun, S.LAST_MILP)
+    assert {"fixed", "full", "lp-infeasible"} <= set(how)  # each path taken (seed 0: 20, 36 and 4 times)
+
+
+def test_two_stage_milp_solves_the_whole_problem_when_the_fixed_one_is_not_close_enough():
+    """min -y - x/10 with y + 2x <= 1.5 (binary): the LP takes y = 1, x = 1/4 (bound -1.025). With y fixed
+    the best is -1, 2.4% off the bound, more than MIP_REL_GAP: the whole MILP decides (-1, the optimum).
+    An infeasible relaxation returns None without an integer solve."""
+    import numpy as np
+    from scipy.optimize import LinearConstraint
+
+    c = np.array([-1.0, -0.1])
+    x = S._milp(c, LinearConstraint(np.array([[1.0, 2.0]]), -np.inf, 1.5), np.ones(2), np.zeros(2), np.ones(2))
+    assert S.LAST_MILP["how"] == "full" and S.LAST_MILP["bound"] == pytest.approx(-1.025)
+    assert list(np.round(x)) == [1.0, 0.0]
+    assert S._milp(c, LinearConstraint(np.array([[1.0, 1.0]]), 3.0, np.inf), np.ones(2), np.zeros(2),
+                   np.ones(2)) is None
+    assert S.LAST_MILP["how"] == "lp-infeasible"

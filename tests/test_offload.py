@@ -185,6 +185,33 @@ def test_feasible_plans_with_offload_fit_and_keep_numerics(ops, frac, link):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 
 
+def test_a_budget_the_refusal_would_call_feasible_is_planned_with_its_minimum(monkeypatch):
+    """When every round misses, plan() used to refuse even a budget at or above the smallest feasible budget
+    its own refusal names (hypothesis found one: a 4-op chain at 17.75 KiB, "smallest feasible 17.00 KiB").
+    It now plans with that lowest-peak candidate. The rounds are made to miss here so that the test does not
+    depend on the cost model's choices."""
+    f, args = _chain(["matmul", "matmul", "tanh", "matmul"])
+    joint, nfwd = trace_function(f, args, {0: "w1", 1: "w2"})
+    static = M.static_from_graph(joint, "sgd")
+    base = M.predict(joint, nfwd, static)
+    dev = S.DeviceModel(flops_per_s=1e9, h2d_bytes_per_s=1e6, d2h_bytes_per_s=1e6)
+    _, mtl = S.minimum_plan(joint, nfwd, static, dev)
+    assert mtl.peak < base.peak
+    monkeypatch.setattr(S, "_rounds", lambda *a, **k: (None, None))
+    monkeypatch.setattr(S, "offload_minimum", lambda *a, **k: None)
+    plan = S.plan(joint, nfwd, static, mtl.peak, dev)
+    assert plan.feasible and plan.modified and plan.timeline.peak <= mtl.peak
+    assert any("lowest-peak candidate" in w for w in plan.warnings), plan.warnings
+    with pytest.raises(S.InfeasibleBudget) as e:
+        S.plan(joint, nfwd, static, mtl.peak - 1024, dev)
+    assert e.value.smallest_feasible >= mtl.peak
+    loss, grads, _ = _run(joint, nfwd, args, offload=True)  # the tags it left still train correctly
+    ref_args = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+    ref = f(*ref_args)
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-5)
+
+
 def _f(w1, w2, x):
     h = torch.relu(x @ w1)
     return (torch.sin(h) @ w2).pow(2).sum()
@@ -348,6 +375,33 @@ def test_plan_skips_the_no_offload_rounds_when_no_round_offloaded(monkeypatch):
     assert timed and all(off for off, _, _ in timed)  # only rounds with offload allowed ...
     assert all("offload" not in (dec or {}).values() for _, _, dec in timed)  # ... which offloaded nothing
 
+
+
+def test_the_next_round_lowers_the_limit_from_the_bytes_the_plan_kept(monkeypatch):
+    """A plan that kept less than its limit and missed by a little came back unchanged from the limit lowered
+    by the excess + 1 MiB (the 1.5B at 7 GiB: two extra rounds, ~10 s each). The next limit is now
+    (what the plan kept) - excess - 1 MiB."""
+    joint, nfwd, st = _tiny_qwen2_step()
+    base = M.predict(joint, nfwd, st)
+    budget = base.peak - 2**16
+    limits, kept = [], []
+
+    def solve(j, n, limit, d, **k):
+        limits.append(limit)
+        kept.append(limit - 2**19)  # the plan keeps 512 KiB less than its limit allows
+        S.LAST_MILP["kept"] = kept[-1]
+        return {}
+
+    def predict(j, n, static, dec, d=None):
+        over = 2**12 if len(limits) == 1 else -1  # the first plan misses by 4 KiB, the second fits
+        return M.Timeline(st, peak=budget + over), {}
+
+    monkeypatch.setattr(S, "solve", solve)
+    monkeypatch.setattr(S, "_predict_tagged_offload", predict)
+    monkeypatch.setattr(S, "_finish", lambda p, *a: p)
+    S.plan(joint, nfwd, st, budget, S.DeviceModel(offload=False), layer_checkpoints="off")
+    assert len(limits) == 2, limits
+    assert limits[1] == kept[0] - 2**12 - 2**20, (limits, kept)  # not limits[0] - 2**12 - 2**20
 
 
 def test_plan_memory_rounds_reach_the_planner_and_bad_values_fail(monkeypatch):
