@@ -242,7 +242,7 @@ def _milp(c: np.ndarray, cons: Any, integrality: np.ndarray, lb: np.ndarray, ub:
     # 26k-node graph the default gap ran into the 60 s limit where 1e-3 took 7.8 s for an objective 0.05% higher
     res = milp(c, constraints=[cons], integrality=integrality, bounds=Bounds(lb, ub),
                options={"time_limit": 60.0, "mip_rel_gap": MIP_REL_GAP})
-    if fixed is not None and (res.x is None or fixed.fun < res.fun):  # the whole MILP ran out of time
+    if fixed is not None and res.x is None:  # the whole MILP found nothing in its time: the fixed plan
         res = fixed
     LAST_MILP.update(how="full", fun=None if res.x is None else float(res.fun),
                      bound=None if lp.x is None else float(lp.fun), fixed_fun=None if fixed is None else
