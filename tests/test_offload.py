@@ -384,12 +384,13 @@ def test_the_next_round_lowers_the_limit_from_the_bytes_the_plan_kept(monkeypatc
     joint, nfwd, st = _tiny_qwen2_step()
     base = M.predict(joint, nfwd, st)
     budget = base.peak - 2**16
-    limits, kept = [], []
+    limits, kept, state = [], [], {}
+    monkeypatch.setattr(S, "LAST_MILP", state, raising=False)  # where solve() leaves what its plan kept
 
     def solve(j, n, limit, d, **k):
         limits.append(limit)
         kept.append(limit - 2**19)  # the plan keeps 512 KiB less than its limit allows
-        S.LAST_MILP["kept"] = kept[-1]
+        state["kept"] = kept[-1]
         return {}
 
     def predict(j, n, static, dec, d=None):
