@@ -92,7 +92,7 @@ VARIANTS["ufx-7GiB-nooffload"] = ("unsloth-fx 7 GiB, int4/int4, 8 chunks, ablati
                                    "pipeline": _CHUNK_PIPE.format(noacc="", lce="").replace(
                                        "{OPTIMIZER}}", "{OPTIMIZER},offload=false}")})
 # the 7 GiB plan with only the LM head + CE chunked; the MLPs are left to plan_memory's recompute. On the CPU
-# planner (2026-12-07) it fits 7 GiB (predicted 7.00 GiB, 3,054 recomputes) with 756 matmuls in the backward
+# planner (2026-12-07) it fits 7 GiB (predicted 6.99 GiB, 2,982 recomputes) with 756 matmuls in the backward
 # graph against 2,520 for ufx-7GiB-int4 (8,194 nodes against 17,392): the chunked MLPs multiply the kernel launches
 VARIANTS["ufx-7GiB-int4-lmhead"] = ("unsloth-fx 7 GiB, int4/int4, LM head + CE in 8 chunks, MLPs not chunked",
                                     {"ufx": "7GiB", "tiers": "int4/int4", "check": False,
