@@ -227,10 +227,9 @@ def _milp(c: np.ndarray, cons: Any, integrality: np.ndarray, lb: np.ndarray, ub:
         return None
     fixed = None
     if lp.x is not None:
-        x = lp.x
-        ints = integrality.astype(bool) & (np.abs(x - np.round(x)) <= 1e-6)
+        ints = integrality.astype(bool) & (np.abs(lp.x - np.round(lp.x)) <= 1e-6)
         flb, fub = lb.copy(), ub.copy()
-        flb[ints] = fub[ints] = np.round(x[ints])
+        flb[ints] = fub[ints] = np.round(lp.x[ints])
         res = milp(c, constraints=[cons], integrality=integrality, bounds=Bounds(flb, fub),
                    options={"time_limit": 60.0, "mip_rel_gap": MIP_REL_GAP})
         if res.x is not None and res.fun - lp.fun <= max(MIP_REL_GAP * abs(lp.fun), 1e-9):
@@ -263,6 +262,7 @@ def solve(joint: torch.fx.GraphModule, num_fwd_outputs: int, limit: int, dev: De
 
     from unsloth_fx.passes.offload_activations import offloadable
 
+    LAST_MILP.clear()  # no stale "kept" from an earlier solve when this one returns before its MILP
     fwd = forward_nodes(joint, num_fwd_outputs)
     fset = set(fwd)
     # multi-output ops (tuples) are candidates too: recomputing a getitem recomputes its op
