@@ -118,16 +118,24 @@ def test_example_train_r1_distill_cpu_mode(capsys):
     assert "trained 3 steps: loss 6." in out
 
 
-@pytest.mark.parametrize("budget,chunked", [("64MiB", False), ("2560KiB", True)])
-def test_chunks_auto_chunks_only_when_the_unchunked_step_does_not_fit(budget, chunked):
-    # tiny-qwen2, batch 2 x seq 64, fused hybrid: smallest feasible 3 MiB unchunked, 2 MiB chunked
+@pytest.mark.parametrize("budget,mlp,lm_head", [("64MiB", False, False), ("25000KiB", False, True),
+                                                ("23500KiB", True, True)])
+def test_chunks_auto_chunks_only_what_the_budget_needs(budget, mlp, lm_head, capsys):
+    # tiny-qwen2, batch 2 x seq 1024, fused int4/int4, without offload (CPU check, 2026-12-07): unchunked fits
+    # from 25,632 KiB, the LM head + CE chunked alone from 24,608 KiB, the MLPs chunked too from 22,528 KiB
     model = _tiny()
-    compiled, _ = apply_optimizations(model, target_vram=budget, lr=3e-3, lower="eager", seq_len=64, batch_size=2,
-                                      optimizer_options={"implementation": "reference"})
+    compiled, _ = apply_optimizations(model, target_vram=budget, lr=3e-3, lower="eager", seq_len=1024, batch_size=2,
+                                      optimizer_options={"implementation": "reference", "state_precision": "int4",
+                                                         "high_precision_tier": "int4"})
     pipe = compiled.ufx_report["options"]["pipeline"]
-    assert ("+split_token_chunks{chunks=8}" in pipe) is chunked, pipe
-    assert ("+fuse_linear_cross_entropy{chunks=8}" in pipe) is chunked, pipe
-    x = torch.randint(0, 512, (2, 64))
+    assert ("+split_token_chunks{chunks=8}" in pipe) is mlp, pipe
+    assert ("+fuse_linear_cross_entropy{chunks=8}" in pipe) is lm_head, pipe
+    out = capsys.readouterr().out
+    if lm_head:
+        assert ("the MLPs stay chunked" in out) is mlp and ("no MLP chunking" in out) is not mlp, out
+        assumed = " ".join(compiled.ufx_report["check"]["assumptions"])
+        assert ("the MLPs not chunked" in assumed) is not mlp, assumed
+    x = torch.randint(0, 512, (2, 1024))
     out = compiled(input_ids=x, labels=x)
     assert torch.isfinite(out.loss)
     out.loss.backward()

@@ -221,9 +221,9 @@ def _meta_copy(model: torch.nn.Module, dense: int, moe: int) -> torch.nn.Module:
 
 
 def _trace_key(model: torch.nn.Module, counts: tuple[int, int], batch: int, seq: int, chunks: int | None,
-               lower: str) -> tuple:
+               lower: str, chunk_mlp: bool = True) -> tuple:
     """The key of a step trace in :func:`_activation_floor`'s cache (traces do not depend on the optimizer)."""
-    return (id(model), counts, batch, seq, chunks, lower)
+    return (id(model), counts, batch, seq, chunks, lower) + (() if chunk_mlp or not chunks else ("lm_head only",))
 
 
 def _pipeline_offloads(pipeline: str) -> bool:
@@ -243,7 +243,7 @@ def _workspace_reserve(model: torch.nn.Module) -> int:
 def _activation_floor(model: torch.nn.Module, counts: tuple[int, int], batch: int, seq: int, optimizer: str,
                       fuse: bool, chunks: int | None = None, cache: dict | None = None,
                       notes: list[str] | None = None, lower: str = "inductor",
-                      offload: bool = True) -> tuple[int, list[int | None]]:
+                      offload: bool = True, chunk_mlp: bool = True) -> tuple[int, list[int | None]]:
     """(bytes above resident at the step's peak with every activation saved, the same per minimum-plan
     candidate (``unsloth_fx.memory.whole.minimum_candidates`` order; None: no plan)). The minimum
     plan's floor is the lowest candidate; extrapolating each candidate with its own per-layer growth
@@ -255,14 +255,15 @@ def _activation_floor(model: torch.nn.Module, counts: tuple[int, int], batch: in
     and plans with its fusion, as plan_memory does). ``cache`` reuses traces across optimizer
     policies (the trace does not depend on them), and each policy's candidates across checks (the
     tier ladder's, then apply_optimizations' final one). ``offload``: whether plan_memory may offload
-    (else the offload candidate is None)."""
+    (else the offload candidate is None). ``chunk_mlp=False``: with ``chunks``, the LM head + CE only."""
     from unsloth_fx.memory.whole import OFFLOAD_CANDIDATE, trace_step
 
-    key = _trace_key(model, counts, batch, seq, chunks, lower)
+    key = _trace_key(model, counts, batch, seq, chunks, lower, chunk_mlp)
     cache = {} if cache is None else cache
     tr = cache.get(key)
     if tr is None:
-        tr = cache[key] = trace_step(_meta_copy(model, *counts), batch, seq, dtype=None, chunks=chunks, lower=lower)
+        tr = cache[key] = trace_step(_meta_copy(model, *counts), batch, seq, dtype=None, chunks=chunks, lower=lower,
+                                     mlp=chunk_mlp)
     if notes is not None:
         notes.extend(n for n in tr.notes if n not in notes)
     done = cache.get((key, "floor", optimizer, fuse))
@@ -320,7 +321,7 @@ def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | t
                  fuse_optimizer: bool = False, seq_len: int | None = None, batch_size: int = 1,
                  device_total: int | None = None, chunks: int | None = None,
                  optimizer_options: dict[str, Any] | None = None, lower: str = "inductor",
-                 offload: bool = True, _cache: dict | None = None) -> BudgetCheck:
+                 offload: bool = True, chunk_mlp: bool = True, _cache: dict | None = None) -> BudgetCheck:
     """Check ``target_vram`` before training; raises ``InfeasibleBudget`` when the step cannot fit.
 
     ``target_vram``: bytes, ``"7GiB"``, a fraction of ``device_total`` or None (no check).
@@ -330,7 +331,8 @@ def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | t
     ``seq_len`` / ``batch_size``: the training shape (tokens per row, rows); without
     ``seq_len`` only parameters + gradients + optimizer state are checked here.
     ``chunks``: credit apply_optimizations' chunking passes (chunked LM head + CE, token-chunked
-    MLPs) at this many chunks: the floor is traced through those passes.
+    MLPs) at this many chunks: the floor is traced through those passes. ``chunk_mlp=False``: the
+    chunked LM head + CE only (the MLPs left to plan_memory's recompute).
     ``lower``: the backend's lowering the compile will use ("inductor", its default, or "eager"):
     the floor is traced and planned as plan_memory does under it.
     ``offload``: whether plan_memory may offload activations to host memory (its ``offload`` option);
@@ -366,8 +368,9 @@ def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | t
                       static_peak)
     chk.optimizer, chk.state_by_tier, chk.assumptions = st.optimizer, dict(st.state_by_tier), list(st.assumptions)
     if chunks and seq_len is not None:
-        chk.assumptions.append(f"chunked LM head + CE and token-chunked MLPs ({chunks} chunks), traced through "
-                               "the same passes")
+        chk.assumptions.append(f"chunked LM head + CE{' and token-chunked MLPs' if chunk_mlp else ''} ({chunks} "
+                               "chunks), traced through the same passes"
+                               + ("" if chunk_mlp else "; the MLPs not chunked (left to plan_memory's recompute)"))
     temp_name = "largest gradient + its fused update" if fuse_optimizer else "optimizer step temporaries"
     text = (f"parameters {format_bytes(chk.parameters)} + gradients {format_bytes(st.gradients)} + optimizer state "
             f"{format_bytes(st.optimizer_state)} ({st.optimizer}) + {temp_name} {format_bytes(st.optimizer_temp)}"
@@ -393,7 +396,7 @@ def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | t
     L = dense + moe
     # the floor's own static bytes only set its resident baseline: count it with the spec
     fk = dict(optimizer=key, fuse=fuse_optimizer, chunks=chunks, cache=_cache if _cache is not None else {},
-              notes=chk.notes, lower=lower, offload=offload)
+              notes=chk.notes, lower=lower, offload=offload, chunk_mlp=chunk_mlp)
     resident = st.parameters + st.buffers + st.optimizer_state + ws
     opt_peak = resident + st.gradients + st.optimizer_temp
 
@@ -422,7 +425,7 @@ def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | t
         # all layers, unless even half that floor (or half the offload candidate's extrapolation) is over
         hint = min(act, act_min) if off is None else min(act, act_min, max(off, 0))
         if budget is not None and floor > budget >= max(resident + hint // 2, opt_peak):
-            traced = _trace_key(model, (dense, moe), batch_size, seq_len, chunks, lower) in fk["cache"]
+            traced = _trace_key(model, (dense, moe), batch_size, seq_len, chunks, lower, chunk_mlp) in fk["cache"]
             print(f"unsloth_fx.check_budget: {format_bytes(budget)} is below the floor extrapolated from "
                   f"{chk.traced_layers} layers ({format_bytes(floor)}); " + (
                       f"deciding on the trace of all {L} layers made earlier" if traced else
@@ -495,7 +498,10 @@ def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optim
       (``chunks`` token chunks each). ``chunks="auto"`` (default): with ``seq_len``, a budget and
       ``check``, no chunking when the unchunked step fits the budget with the optimizer asked for
       (HybridAdamW's default tiers when it chooses them), since chunking costs throughput (23-25% on
-      r1-distill-qwen-1.5b, docs/benchmarks.md); else 8 chunks. Without that information: 8. The chunked
+      r1-distill-qwen-1.5b, docs/benchmarks.md); else 8 chunks, and once the optimizer's tier is chosen, the
+      MLPs are left unchunked (only the LM head + CE chunked) when that step still fits without offload: the
+      chunked MLPs triple the backward's matmul launches (r1-distill-qwen-1.5b at 7 GiB, docs/memory.md).
+      Without that information: 8, both. An int ``chunks`` chunks both. The chunked
       LM head sums its weight gradient in the weight dtype (the pass's memory-saving default,
       ``grad_weight_accum="weight_dtype"``: no ``vocab x hidden`` fp32 buffer, one rounding per chunk);
       a ``pipeline`` with ``fuse_linear_cross_entropy{chunks=8,grad_weight_accum=fp32}`` keeps fp32.
@@ -520,6 +526,7 @@ def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optim
     lower = Options.from_user({k: options[k] for k in ("lower",) if k in options}).lower
     chunking = False
     traces: dict = {}  # step traces keyed by (model, layers, shape, chunks, lowering): shared by every check below
+    auto = chunks == "auto"
     if chunks == "auto":
         chunks = 8
         if (pipeline is None and chunk_lm_head and check and seq_len is not None and target_vram is not None
@@ -580,7 +587,11 @@ def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optim
 
         attach(model, opt, accumulation_steps=grad_accum)
     chk = None
-    if check:
+    if auto and chunking and check and seq_len is not None and target_vram is not None:
+        chk = _without_mlp_chunks(model, target_vram, opt, check_kw)
+        if chk is not None:
+            pipeline = pipeline.replace(",+" + chunk_passes(chunks)[0], "")
+    if check and chk is None:
         # the optimizer itself: its exact state layout
         chk = check_budget(model, target_vram, optimizer=opt, **check_kw)
     key = planner_optimizer_key(model, opt)
@@ -594,10 +605,31 @@ def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optim
                            "optimizer_policy": policy or {"chosen": key, "why": "fixed by the caller"
                                                           if hybrid else "not HybridAdamW: no tier choice"},
                            "assumptions": (chk.assumptions if chk else []) + (
-                               ["chunked LM head + CE and token-chunked MLPs in the pipeline; the LM-head gradient "
-                                "summed in the weight dtype (fuse_linear_cross_entropy's default grad_weight_accum="
-                                "weight_dtype: no vocab x hidden fp32 buffer)"] if chunking else [])}
+                               [f"chunked LM head + CE{' and token-chunked MLPs' if 'split_token_chunks' in pipeline else ''}"
+                                " in the pipeline; the LM-head gradient summed in the weight dtype "
+                                "(fuse_linear_cross_entropy's default grad_weight_accum=weight_dtype: no vocab x hidden "
+                                "fp32 buffer)"] if chunking else [])}
     return compiled, opt
+
+
+def _without_mlp_chunks(model: torch.nn.Module, target_vram: Any, opt: torch.optim.Optimizer,
+                        check_kw: dict[str, Any]) -> BudgetCheck | None:
+    """The final check of the step with only the LM head + CE chunked, without offload, or None when that
+    step does not fit (the MLPs then stay chunked). On r1-distill-qwen-1.5b at 7 GiB (seq 2048, int4/int4,
+    fused) the CPU planner fits it at 6.99 GiB with 756 matmuls in the backward graph against 2,520 with
+    the MLPs chunked (docs/memory.md); the step that offloads is not taken, since offloading whatever it
+    can is slower than chunking."""
+    from unsloth_fx.memory.schedule import InfeasibleBudget
+
+    try:
+        chk = check_budget(model, target_vram, optimizer=opt, **{**check_kw, "chunk_mlp": False, "offload": False})
+    except InfeasibleBudget as e:
+        print("unsloth_fx.apply_optimizations: the MLPs stay chunked (with the LM head + CE chunked alone the "
+              f"smallest feasible budget is {format_bytes(e.smallest_feasible)} without offload)", flush=True)
+        return None
+    print("unsloth_fx.apply_optimizations: the step fits with the LM head + CE chunked and the MLPs not; "
+          "no MLP chunking (fewer kernels)", flush=True)
+    return chk
 
 
 def choose_tier_policy(model: torch.nn.Module, target_vram: Any, **check_kw: Any) -> dict[str, Any]:

@@ -72,7 +72,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 # Loss ablation of the 7 GiB plan (issue 8): its tier (int4/int4) and 8 chunks fixed, one numeric choice changed
 # each, no early check (the plan still gets the 7 GiB budget). "ufx-7GiB-int4" is the control: the pipeline
-# apply_optimizations builds for 7 GiB, written out.
+# apply_optimizations built for 7 GiB until the eleventh session, written out (since then it leaves the MLPs
+# unchunked when that fits, as ufx-7GiB-int4-lmhead below).
 _CHUNK_PIPE = "default,plan_memory{{optimizer={{OPTIMIZER}}}}{noacc},+split_token_chunks{{chunks=8}},"\
               "+fuse_linear_cross_entropy{{chunks=8{lce}}}"
 _ABLATION = {
@@ -91,7 +92,8 @@ VARIANTS["ufx-7GiB-nooffload"] = ("unsloth-fx 7 GiB, int4/int4, 8 chunks, ablati
                                   {"ufx": "7GiB", "tiers": "int4/int4", "check": False,
                                    "pipeline": _CHUNK_PIPE.format(noacc="", lce="").replace(
                                        "{OPTIMIZER}}", "{OPTIMIZER},offload=false}")})
-# the 7 GiB plan with only the LM head + CE chunked; the MLPs are left to plan_memory's recompute. On the CPU
+# the 7 GiB plan with only the LM head + CE chunked (what apply_optimizations builds for 7 GiB since the eleventh
+# session, written out); the MLPs are left to plan_memory's recompute. On the CPU
 # planner (2026-12-07) it fits 7 GiB (predicted 6.99 GiB, 2,982 recomputes) with 756 matmuls in the backward
 # graph against 2,520 for ufx-7GiB-int4 (8,194 nodes against 17,392): the chunked MLPs multiply the kernel launches
 VARIANTS["ufx-7GiB-int4-lmhead"] = ("unsloth-fx 7 GiB, int4/int4, LM head + CE in 8 chunks, MLPs not chunked",

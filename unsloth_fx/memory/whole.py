@@ -48,10 +48,11 @@ from unsloth_fx.memory.trace import trace_model
 from unsloth_fx.options import format_bytes
 
 
-def chunk_passes(chunks: int) -> list[str]:
+def chunk_passes(chunks: int, mlp: bool = True) -> list[str]:
     """The pre_grad chunking passes ``apply_optimizations`` adds to the pipeline (one list, so
-    the planner's trace and the compile cannot drift apart)."""
-    return [f"split_token_chunks{{chunks={chunks}}}", f"fuse_linear_cross_entropy{{chunks={chunks}}}"]
+    the planner's trace and the compile cannot drift apart). ``mlp=False``: the LM head + CE only."""
+    lm = f"fuse_linear_cross_entropy{{chunks={chunks}}}"
+    return [f"split_token_chunks{{chunks={chunks}}}", lm] if mlp else [lm]
 
 
 def _is_moe(config: Any) -> bool:
@@ -108,14 +109,15 @@ def _eager_codegen():
 
 
 def trace_step(model: torch.nn.Module, batch: int, seq: int, dtype: torch.dtype | None = torch.bfloat16,
-               chunks: int | None = 8, lower: str = "eager") -> Traced:
+               chunks: int | None = 8, lower: str = "eager", mlp: bool = True) -> Traced:
     """Trace one training step of causal LM ``model`` (on meta; it is modified: cast to
-    ``dtype``, patched) as the compile will run it. See the module docstring."""
+    ``dtype``, patched) as the compile will run it. See the module docstring. ``mlp=False``:
+    with ``chunks``, only the LM head + CE is chunked."""
     rows = _rows_of(model, dtype)
     notes: list[str] = []
     if chunks and not _is_moe(getattr(model, "config", None)):
         try:
-            return _trace_compiled(model, batch, seq, dtype, chunks, rows, lower)
+            return _trace_compiled(model, batch, seq, dtype, chunks, rows, lower, mlp)
         except Exception as e:  # a model Dynamo cannot capture whole: plan it unchunked, and say so
             notes.append(f"chunking not credited: the compiled trace failed ({type(e).__name__}: {str(e)[:160]})")
     elif chunks:
@@ -128,7 +130,7 @@ def trace_step(model: torch.nn.Module, batch: int, seq: int, dtype: torch.dtype 
 
 
 def _trace_compiled(model: torch.nn.Module, batch: int, seq: int, dtype: torch.dtype | None, chunks: int,
-                    rows: list[tuple], lower: str = "eager") -> Traced:
+                    rows: list[tuple], lower: str = "eager", mlp: bool = True) -> Traced:
     import unsloth_fx.backend as backend
     from unsloth_fx.memory.trace import cuda_like_tracing
     from unsloth_fx.runtime.linear_cross_entropy import patch_causal_lm
@@ -144,7 +146,7 @@ def _trace_compiled(model: torch.nn.Module, batch: int, seq: int, dtype: torch.d
     patch_causal_lm(model)
     dev = next(model.parameters()).device
     ids = torch.zeros(batch, seq, dtype=torch.long, device=dev)
-    pipeline = ",".join(chunk_passes(chunks) + [f"chunk_recompute{{chunks={chunks}}}"])
+    pipeline = ",".join(chunk_passes(chunks, mlp) + ([f"chunk_recompute{{chunks={chunks}}}"] if mlp else []))
     torch.compiler.reset()  # a fresh Dynamo cache: repeated traces (seq search) must not hit its size limit
     backend.LAST.clear()
     compiled = torch.compile(model, backend="unsloth", fullgraph=True,
