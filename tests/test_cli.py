@@ -135,3 +135,21 @@ def test_plan_names_host_transfers_in_the_overhead_when_it_offloads(capsys):
     decisions = next(ln for ln in out.splitlines() if "fits; decisions" in ln)
     assert "offload" in decisions, out
     assert "ms per step (recompute and exposed host transfers)" in out, out
+
+
+def test_plan_chunks_the_lm_head_alone_with_no_chunk_mlp(capsys):
+    """--no-chunk-mlp traces what apply_optimizations compiles when the step fits without MLP chunking: the LM
+    head + CE chunked, the MLPs not; its floor lies between the unchunked one and the one with both chunked
+    (tiny-qwen2, batch 2 x seq 1024, fused int4/int4)."""
+    base = ["plan", "--model", "tiny-qwen2", "--seq", "1024", "--batch", "2", "--optimizer", "int4",
+            "--high-precision-tier", "int4", "--fuse-optimizer", "--json", "--quiet", "--no-seq-search",
+            "--device", "cpu", "--lower", "eager"]
+    docs = {}
+    for name, extra in (("none", ["--no-chunking"]), ("lm", ["--no-chunk-mlp"]), ("both", [])):
+        assert main(base + extra) == 0
+        docs[name] = json.loads(capsys.readouterr().out)
+    assert docs["lm"]["chunk_mlp"] is False and docs["both"]["chunk_mlp"] is True
+    assert docs["lm"]["chunking_credited"] == {"mlp": 0, "lm_head_ce": 8}, docs["lm"]["chunking_credited"]
+    assert docs["both"]["chunking_credited"] == {"mlp": 8, "lm_head_ce": 8}
+    floor = {k: d["smallest_feasible_budget"] for k, d in docs.items()}
+    assert floor["both"] < floor["lm"] < floor["none"], floor

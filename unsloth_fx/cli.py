@@ -2,7 +2,7 @@
 
     unsloth-fx plan --model r1-distill-qwen-1.5b --seq 2048 --budget 12GiB [--batch 1]
                     [--optimizer adamw|adamw-bf16|hybrid|int8|int4] [--high-precision-tier fp32|bf16|int8|int4|hybrid]
-                    [--fuse-optimizer] [--chunks N | --no-chunking] [--lower inductor|eager] [--json] [--out DIR]
+                    [--fuse-optimizer] [--chunks N | --no-chunking] [--no-chunk-mlp] [--lower inductor|eager] [--json] [--out DIR]
     unsloth-fx inspect DUMP_DIR
     unsloth-fx bench        the benchmark suite (GPU; --smoke runs on CPU)
 
@@ -69,11 +69,12 @@ def cmd_plan(a: argparse.Namespace) -> int:
     if progress:
         progress(f"planning {a.model} batch={a.batch} seq={a.seq} ({a.dtype}, optimizer={spec}"
                  f"{', fused into backward' if a.fuse_optimizer else ''}"
-                 f"{f', {chunks} token chunks' if chunks else ', no chunking'}, lower={a.lower}) on fake tensors")
+                 f"{f', {chunks} token chunks' if chunks else ', no chunking'}"
+                 f"{' (LM head + CE only)' if chunks and a.no_chunk_mlp else ''}, lower={a.lower}) on fake tensors")
     try:
         est = whole.estimate(a.model, batch=a.batch, seq=a.seq, dtype=dtype, optimizer=spec,
                              fuse_optimizer=a.fuse_optimizer, budget=budget, full=a.full_trace, progress=progress,
-                             chunks=chunks, lower=a.lower, workspace=workspace)
+                             chunks=chunks, lower=a.lower, workspace=workspace, chunk_mlp=not a.no_chunk_mlp)
     except ValueError as e:
         _say(f"error: {e}")
         return 2
@@ -85,7 +86,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
             progress("searching the largest sequence length that fits (bisection over traced lengths)")
         largest = whole.largest_seq(a.model, budget, batch=a.batch, dtype=dtype, optimizer=spec,
                                     fuse_optimizer=a.fuse_optimizer, start=a.seq, progress=progress, chunks=chunks,
-                                    lower=a.lower, workspace=workspace)
+                                    lower=a.lower, workspace=workspace, chunk_mlp=not a.no_chunk_mlp)
     plan = est.plan
     decisions: dict[str, int] = {}
     if plan is not None:
@@ -97,7 +98,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
     gpu_short = max(est.feasible_min - GPU_80GB, 0)
     doc: dict[str, Any] = {
         "model": a.model, "batch": a.batch, "seq": a.seq, "dtype": a.dtype, "optimizer": spec,
-        "fuse_optimizer": a.fuse_optimizer, "chunks": chunks, "lower": a.lower, "chunking_credited": est.chunking,
+        "fuse_optimizer": a.fuse_optimizer, "chunks": chunks, "chunk_mlp": bool(chunks) and not a.no_chunk_mlp,
+        "lower": a.lower, "chunking_credited": est.chunking,
         "assumptions": est.assumptions, "budget": budget,
         "static": {"parameters": st.parameters + st.buffers, "gradients": st.gradients,
                    "optimizer_state": st.optimizer_state, "optimizer_state_by_tier": st.state_by_tier,
@@ -284,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trace with apply_optimizations' chunking passes (chunked LM head + CE, token-chunked "
                         "MLPs) at this many chunks (default 8, as apply_optimizations)")
     p.add_argument("--no-chunking", action="store_true", help="trace the model unchunked")
+    p.add_argument("--no-chunk-mlp", action="store_true",
+                   help="chunk the LM head + CE only, not the MLPs (what apply_optimizations picks when that fits "
+                        "without offload)")
     p.add_argument("--lower", default="inductor", choices=["inductor", "eager"],
                    help="the backend's lowering to model (default inductor, the backend's default: Inductor's "
                         "decompositions, its fused pointwise chains not materialized; eager: every node materialized)")

@@ -242,7 +242,7 @@ def _layers(config: Any) -> tuple[int, int]:
 
 def _variant(name: str, counts: tuple[int, int], batch: int, seq: int, dtype, optimizer: Any, fuse: bool,
              dev: S.DeviceModel, progress, chunks: int | None = None, lower: str = "eager",
-             overrides: dict | None = None) -> Variant:
+             overrides: dict | None = None, mlp: bool = True) -> Variant:
     from unsloth_fx.zoo import build_model
 
     dense, moe = counts
@@ -250,7 +250,7 @@ def _variant(name: str, counts: tuple[int, int], batch: int, seq: int, dtype, op
     if moe:
         kw["first_k_dense_replace"] = dense
     m = build_model(name, device="meta", **kw)
-    tr = trace_step(m, batch, seq, dtype, chunks, lower)
+    tr = trace_step(m, batch, seq, dtype, chunks, lower, mlp)
     st = _set_lower(M.static_breakdown(tr.rows, optimizer, fuse), lower)
     st.inputs = M.inputs_bytes(tr.joint)
     cands = minimum_candidates(tr.joint, tr.nfwd, st, dev)
@@ -312,47 +312,52 @@ def estimate(name: str, *, batch: int = 1, seq: int = 2048, dtype=torch.bfloat16
              fuse_optimizer: bool = False, budget: int | None = None, full: bool = False,
              dev: S.DeviceModel | None = None, progress: Callable[[str], None] | None = None,
              chunks: int | None = None, lower: str = "eager", overrides: dict | None = None,
-             workspace: int = 0) -> Estimate:
+             workspace: int = 0, chunk_mlp: bool = True) -> Estimate:
     """Predict (and, with ``budget``, plan) one training step of zoo model ``name``.
 
     ``optimizer``: a spec (``unsloth_fx.memory.model.parse_optimizer``: "adamw", "hybrid",
     "int8/int4", ...); ``fuse_optimizer``: the update runs inside backward; ``chunks``: trace
-    with apply_optimizations' chunking passes at this many chunks (None: unchunked); ``lower``: the
+    with apply_optimizations' chunking passes at this many chunks (None: unchunked; ``chunk_mlp=False``:
+    the LM head + CE only, the MLPs not chunked); ``lower``: the
     backend's lowering to model ("inductor": Inductor's decompositions and fusion, as plan_memory);
     ``overrides``: config overrides for the zoo model (e.g. ``num_hidden_layers``); ``workspace``: bytes
     reserved for the CUDA library workspaces (``plan_memory.CUDA_WORKSPACE_RESERVE`` on a GPU, 0 on CPU),
     resident through the step."""
     with S.partition_cache():  # the variants' candidates and the plan share partitions of the same graph
         return _estimate(name, batch, seq, dtype, optimizer, fuse_optimizer, budget, full, dev, progress, chunks,
-                         lower, overrides, workspace)
+                         lower, overrides, workspace, chunk_mlp)
 
 
 def _estimate(name, batch, seq, dtype, optimizer, fuse_optimizer, budget, full, dev, progress, chunks, lower,
-              overrides, workspace) -> Estimate:
+              overrides, workspace, chunk_mlp=True) -> Estimate:
     dev = dev or S.DeviceModel()
     st, config = full_static(name, dtype, optimizer, fuse_optimizer, batch, seq, lower, overrides, workspace)
     n_dense, n_moe = _layers(config)
     L = n_dense + n_moe
     opt_peak = st.resident + st.gradients + st.optimizer_temp
+
+    def variant(counts: tuple[int, int]) -> Variant:
+        return _variant(name, counts, batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks, lower,
+                        overrides, mlp=chunk_mlp)
+
     if full or L <= 3:
-        v = _variant(name, (n_dense, n_moe), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks, lower, overrides)
+        v = variant((n_dense, n_moe))
         if v.offload_minimum is not None and v.offload_minimum.peak < v.minimum.peak:
             v.minimum = v.offload_minimum  # the whole model: offload's floor counts (plan() reaches it)
         act_base, act_min, last, extrap, traced = v.act(v.base), v.act(v.minimum), v, False, [v.counts]
         acts = (v.act_only(v.base), v.act_only(v.minimum))
     else:
         if n_moe:
-            A = _variant(name, (1, 1), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks, lower, overrides)
-            B = _variant(name, (1, 2), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks, lower, overrides)
-            C = _variant(name, (2, 1), batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks, lower, overrides) \
-                if n_dense > 1 else A
+            A = variant((1, 1))
+            B = variant((1, 2))
+            C = variant((2, 1)) if n_dense > 1 else A
 
             def ext(f):
                 return f(A) + (n_dense - 1) * (f(C) - f(A)) + (n_moe - 1) * (f(B) - f(A))
             traced = [A.counts, B.counts] + ([C.counts] if C is not A else [])
         else:
-            A = _variant_dense(name, 1, batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks, lower, overrides)
-            B = _variant_dense(name, 2, batch, seq, dtype, optimizer, fuse_optimizer, dev, progress, chunks, lower, overrides)
+            A = variant((1, 0))
+            B = variant((2, 0))
 
             def ext(f):
                 return f(A) + (L - 1) * (f(B) - f(A))
@@ -398,14 +403,14 @@ def _opt(st: M.Static) -> int:
 
 
 def _variant_dense(name, L, batch, seq, dtype, optimizer, fuse, dev, progress, chunks=None, lower="eager",
-                   overrides=None) -> Variant:
-    return _variant(name, (L, 0), batch, seq, dtype, optimizer, fuse, dev, progress, chunks, lower, overrides)
+                   overrides=None, mlp=True) -> Variant:
+    return _variant(name, (L, 0), batch, seq, dtype, optimizer, fuse, dev, progress, chunks, lower, overrides, mlp=mlp)
 
 
 def largest_seq(name: str, budget: int, *, batch: int = 1, dtype=torch.bfloat16, optimizer: Any = "adamw",
                 fuse_optimizer: bool = False, start: int = 2048, granularity: int = 256, max_evals: int = 7,
                 progress: Callable[[str], None] | None = None, chunks: int | None = None,
-                lower: str = "eager", workspace: int = 0) -> int | None:
+                lower: str = "eager", workspace: int = 0, chunk_mlp: bool = True) -> int | None:
     """Largest sequence length (multiple of ``granularity``) whose minimum plan fits ``budget``,
     by bisection over concrete sequence lengths (each step re-traces the small variants).
     None: not even ``granularity`` tokens fit."""
@@ -418,7 +423,7 @@ def largest_seq(name: str, budget: int, *, batch: int = 1, dtype=torch.bfloat16,
     def ok(s: int) -> bool:
         if s not in fits:
             e = estimate(name, batch=batch, seq=s, dtype=dtype, optimizer=optimizer, fuse_optimizer=fuse_optimizer,
-                         chunks=chunks, lower=lower, workspace=workspace)
+                         chunks=chunks, lower=lower, workspace=workspace, chunk_mlp=chunk_mlp)
             fits[s] = e.feasible_min <= budget
             if progress:
                 progress(f"  seq {s}: smallest budget {format_bytes(e.feasible_min)} -> {'fits' if fits[s] else 'does not fit'}")
