@@ -527,7 +527,7 @@ def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optim
     chunking = False
     traces: dict = {}  # step traces keyed by (model, layers, shape, chunks, lowering): shared by every check below
     auto = chunks == "auto"
-    if chunks == "auto":
+    if auto:
         chunks = 8
         if (pipeline is None and chunk_lm_head and check and seq_len is not None and target_vram is not None
                 and _is_hf_causal_lm(model)):

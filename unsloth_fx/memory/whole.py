@@ -403,8 +403,8 @@ def _opt(st: M.Static) -> int:
 
 
 def _variant_dense(name, L, batch, seq, dtype, optimizer, fuse, dev, progress, chunks=None, lower="eager",
-                   overrides=None, mlp=True) -> Variant:
-    return _variant(name, (L, 0), batch, seq, dtype, optimizer, fuse, dev, progress, chunks, lower, overrides, mlp=mlp)
+                   overrides=None) -> Variant:
+    return _variant(name, (L, 0), batch, seq, dtype, optimizer, fuse, dev, progress, chunks, lower, overrides)
 
 
 def largest_seq(name: str, budget: int, *, batch: int = 1, dtype=torch.bfloat16, optimizer: Any = "adamw",
