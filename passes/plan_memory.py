@@ -61,25 +61,31 @@ def _pipeline_credits(ctx: PassContext) -> tuple[bool, int | None, bool]:
 @graph_pass(name="plan_memory", stage="joint", options={"optimizer": "adamw", "keep_outputs": False, "offload": True,
                                                        "h2d_gbps": 25.0, "d2h_gbps": 25.0, "force_offload": "",
                                                        "workspace_reserve": -1, "rounds": 6,
-                                                       "layer_checkpoints": "fallback"})
+                                                       "layer_checkpoints": "fallback", "margin": 0.0})
 def plan_memory(gm: torch.fx.GraphModule, ctx: PassContext, optimizer: str = "adamw",
                 keep_outputs: bool = False, offload: bool = True, h2d_gbps: float = 25.0,
                 d2h_gbps: float = 25.0, force_offload: str = "", workspace_reserve: int = -1,
-                rounds: int = 6, layer_checkpoints: str = "fallback") -> PassResult:
+                rounds: int = 6, layer_checkpoints: str = "fallback", margin: float = 0.0) -> PassResult:
     """Predict the step's memory timeline; with a memory_budget, choose save/recompute/offload per activation.
 
     ``rounds``: how many time-optimal MILP rounds to try before the fallbacks (schedule.plan's
     ``max_rounds``). 0 goes straight to the fewest device bytes (offload wherever it lowers the
     peak, then recompute): for a budget known to need that plan, it skips solves that would miss.
     ``layer_checkpoints``: ``"fallback"``, ``"first"`` or ``"off"``: when to try rounds in which the
-    residual stream between decoder layers is never recomputed (schedule.plan)."""
+    residual stream between decoder layers is never recomputed (schedule.plan).
+    ``margin``: the fraction of ``memory_budget`` held back for the static model's error; the plan
+    aims at ``budget * (1 - margin)``. 0 by default: the model's error runs both ways (docs/memory.md)."""
     if layer_checkpoints not in schedule.LAYER_CHECKPOINTS:
         raise ValueError(f"plan_memory: layer_checkpoints={layer_checkpoints!r}; expected one of "
                          f"{', '.join(schedule.LAYER_CHECKPOINTS)}")
     if int(rounds) < 0 or (int(rounds) == 0 and not offload):
         raise ValueError(f"plan_memory: rounds={rounds!r} with offload={offload}: rounds must be 0 or more, "
                          "and 0 (the fewest device bytes) needs offload")
+    if not 0.0 <= float(margin) < 0.5:
+        raise ValueError(f"plan_memory: margin={margin!r}; expected a fraction of the budget in [0, 0.5)")
     budget = ctx.options.resolve_budget(_device_total(ctx))
+    if budget is not None and float(margin):
+        budget = int(budget * (1.0 - float(margin)))
     nfwd = ctx.num_fwd_outputs or 1
     fuse, group_bytes, inplace = _pipeline_credits(ctx)
     static = M.static_from_graph(gm, optimizer, fuse, ctx.params, lower=str(getattr(ctx.options, "lower", "eager")),
@@ -96,7 +102,11 @@ def plan_memory(gm: torch.fx.GraphModule, ctx: PassContext, optimizer: str = "ad
         forced = {t for t in force_offload.replace(" ", "+").split("+") if t}
         plan = schedule.plan(gm, nfwd, static, budget, dev, max_rounds=int(rounds), force_offload=forced or None,
                              layer_checkpoints=layer_checkpoints)
-    except schedule.InfeasibleBudget:
+    except schedule.InfeasibleBudget as e:
+        if float(margin) and budget is not None:  # say which budget the refusal is about
+            raise schedule.InfeasibleBudget(f"{e} (plan_memory{{margin={margin}}}: planned to {format_bytes(budget)}, "
+                                            f"{float(margin):.1%} under memory_budget)",
+                                            smallest_feasible=e.smallest_feasible, breakdown=e.breakdown) from None
         raise
     except Exception as e:  # the prediction must never break a compile that asked for no budget
         if budget is not None:

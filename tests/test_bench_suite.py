@@ -247,8 +247,9 @@ def test_the_7b_variant_without_the_check_fixes_its_tier_and_chunks():
     assert rec["ufx"]["options"]["memory_budget"] == "64MiB"  # smoke: the tiny model's budget, still planned
 
 
-def test_the_lm_head_only_variant_chunks_the_lm_head_and_not_the_mlps():
-    rec = _one_step("ufx-7GiB-int4-lmhead", seq=64)
+@pytest.mark.parametrize("variant,margin", [("ufx-7GiB-int4-lmhead", 0.0), ("ufx-7GiB-int4-lmhead-m025", 0.025)])
+def test_the_lm_head_only_variant_chunks_the_lm_head_and_not_the_mlps(variant, margin):
+    rec = _one_step(variant, seq=64)
     assert rec["status"] == "ok", rec
     pipe = rec["ufx"]["options"]["pipeline"]
     assert "fuse_linear_cross_entropy{chunks=8}" in pipe and "split_token_chunks" not in pipe, pipe
@@ -258,3 +259,5 @@ def test_the_lm_head_only_variant_chunks_the_lm_head_and_not_the_mlps():
     st = backend.LAST["ctx"].stats
     assert st["pre_grad"]["fuse_linear_cross_entropy"]["fused"] == 1
     assert "split_token_chunks" not in st["pre_grad"]
+    smoke_budget = 64 * 2**20  # smoke runs give every budget variant 64 MiB
+    assert st["joint"]["plan_memory"]["budget"] == int(smoke_budget * (1 - margin))
