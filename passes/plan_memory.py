@@ -96,7 +96,8 @@ def plan_memory(gm: torch.fx.GraphModule, ctx: PassContext, optimizer: str = "ad
     # Evidence: an H100 run planned to 12 GiB measured 3.8 MB above it with no reserve (docs/memory.md).
     static.workspace = int(workspace_reserve) if workspace_reserve >= 0 else \
         (CUDA_WORKSPACE_RESERVE if ctx.device.type == "cuda" else 0)
-    already = any(n.meta.get("ufx") is not None and n.meta["ufx"].decision for n in gm.graph.nodes)
+    already = any(n.meta.get("ufx") is not None and n.meta["ufx"].decision not in (None, "", "chunk")
+                  for n in gm.graph.nodes)  # chunk_recompute's "chunk" marks are not a plan
     try:
         dev = schedule.DeviceModel(h2d_bytes_per_s=h2d_gbps * 1e9, d2h_bytes_per_s=d2h_gbps * 1e9, offload=offload)
         forced = {t for t in force_offload.replace(" ", "+").split("+") if t}

@@ -25,7 +25,11 @@ import torch.fx
 
 from unsloth_fx.pass_base import PassContext, PassSpec, get_pass
 
-DEFAULT_PASSES = ("share_weights", "plan_memory", "chunk_recompute", "offload_activations", "reload_activations",
+# chunk_recompute before plan_memory: its running sums of per-chunk weight gradients change the backward's
+# memory (autograd's add chain keeps every chunk's partial alive), so the plan must see them, as the CLI
+# planner's trace does. In the opposite order the 7B's 24 GiB compile was refused on an H100 at 26.03 GiB
+# (minimum activations 4.24 GiB) where the graph that runs needs 23.87 GiB (docs/memory.md, twelfth session).
+DEFAULT_PASSES = ("share_weights", "chunk_recompute", "plan_memory", "offload_activations", "reload_activations",
                   "fuse_optimizer", "inplace_saved_grad_scale")
 DEFAULT_PASSES += ("rewrite_optimizer_step",)  # pre_grad; acts only on a compiled Adam/AdamW step with fuse_optimizer=True
 
