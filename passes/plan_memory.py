@@ -74,7 +74,8 @@ def plan_memory(gm: torch.fx.GraphModule, ctx: PassContext, optimizer: str = "ad
     ``layer_checkpoints``: ``"fallback"``, ``"first"`` or ``"off"``: when to try rounds in which the
     residual stream between decoder layers is never recomputed (schedule.plan).
     ``margin``: the fraction of ``memory_budget`` held back for the static model's error; the plan
-    aims at ``budget * (1 - margin)``. 0 by default: the model's error runs both ways (docs/memory.md)."""
+    aims at ``budget * (1 - margin)``, and at the budget itself (with a warning in the stats) where that
+    is infeasible. 0 by default (docs/memory.md)."""
     if layer_checkpoints not in schedule.LAYER_CHECKPOINTS:
         raise ValueError(f"plan_memory: layer_checkpoints={layer_checkpoints!r}; expected one of "
                          f"{', '.join(schedule.LAYER_CHECKPOINTS)}")
@@ -84,6 +85,7 @@ def plan_memory(gm: torch.fx.GraphModule, ctx: PassContext, optimizer: str = "ad
     if not 0.0 <= float(margin) < 0.5:
         raise ValueError(f"plan_memory: margin={margin!r}; expected a fraction of the budget in [0, 0.5)")
     budget = ctx.options.resolve_budget(_device_total(ctx))
+    full = budget
     if budget is not None and float(margin):
         budget = int(budget * (1.0 - float(margin)))
     nfwd = ctx.num_fwd_outputs or 1
@@ -101,13 +103,19 @@ def plan_memory(gm: torch.fx.GraphModule, ctx: PassContext, optimizer: str = "ad
     try:
         dev = schedule.DeviceModel(h2d_bytes_per_s=h2d_gbps * 1e9, d2h_bytes_per_s=d2h_gbps * 1e9, offload=offload)
         forced = {t for t in force_offload.replace(" ", "+").split("+") if t}
-        plan = schedule.plan(gm, nfwd, static, budget, dev, max_rounds=int(rounds), force_offload=forced or None,
-                             layer_checkpoints=layer_checkpoints)
-    except schedule.InfeasibleBudget as e:
-        if float(margin) and budget is not None:  # say which budget the refusal is about
-            raise schedule.InfeasibleBudget(f"{e} (plan_memory{{margin={margin}}}: planned to {format_bytes(budget)}, "
-                                            f"{float(margin):.1%} under memory_budget)",
-                                            smallest_feasible=e.smallest_feasible, breakdown=e.breakdown) from None
+        kw = dict(max_rounds=int(rounds), force_offload=forced or None, layer_checkpoints=layer_checkpoints)
+        try:
+            plan = schedule.plan(gm, nfwd, static, budget, dev, **kw)
+        except schedule.InfeasibleBudget as e:
+            if budget == full:
+                raise
+            # the margin is soft: a plan at the budget itself beats no plan (plan() tags nothing when it refuses)
+            plan = schedule.plan(gm, nfwd, static, full, dev, **kw)
+            plan.warnings.append(f"margin={margin} not kept: {format_bytes(budget)} ({float(margin):.1%} under "
+                                 f"memory_budget) is infeasible (smallest feasible {format_bytes(e.smallest_feasible)}); "
+                                 "planned to memory_budget itself")
+            budget = full
+    except schedule.InfeasibleBudget:
         raise
     except Exception as e:  # the prediction must never break a compile that asked for no budget
         if budget is not None:

@@ -57,10 +57,10 @@ def _chain_stats(pipeline, budget=None):
 
 
 
-def test_margin_plans_to_that_fraction_under_the_budget_and_says_so_when_it_cannot(monkeypatch):
+def test_margin_plans_to_that_fraction_under_the_budget_else_to_the_budget_with_a_warning(monkeypatch):
     # plan_memory{margin=f} aims the plan at memory_budget * (1 - f): on an H100 the static model came out 1.1%
     # under the measured peak of one graph (docs/benchmarks.md, twelfth session), so a plan that lands just
-    # under its budget can measure over it
+    # under its budget can measure over it. Soft: where budget * (1 - f) is infeasible it plans to the budget
     from unsloth_fx.memory import schedule as S
 
     full = _chain_stats("default")["predicted_peak"]
@@ -69,12 +69,15 @@ def test_margin_plans_to_that_fraction_under_the_budget_and_says_so_when_it_cann
     monkeypatch.setattr(S, "plan", lambda gm, nfwd, static, budget, *a, **k: seen.append(budget)
                         or real(gm, nfwd, static, budget, *a, **k))
     st = _chain_stats("default,plan_memory{margin=0.25}", budget=2 * full)
-    assert seen[-1] == st["budget"] == int(2 * full * 0.75) and st["feasible"], (seen, st)
-    assert _chain_stats("default", budget=2 * full)["budget"] == seen[-1] == 2 * full  # 0 by default
-    with pytest.raises(Exception) as e:  # fits the budget, not 10% under it
-        _chain_stats("default,plan_memory{margin=0.1}", budget=full)
-    assert "smallest feasible budget" in str(e.value)
-    assert f"plan_memory{{margin=0.1}}: planned to {format_bytes(int(full * 0.9))}, 10.0% under memory_budget" \
-        in str(e.value), str(e.value)
+    assert seen == [st["budget"]] == [int(2 * full * 0.75)] and st["feasible"] and not st["warnings"], (seen, st)
+    seen.clear()
+    assert _chain_stats("default", budget=2 * full)["budget"] == 2 * full and seen == [2 * full]  # 0 by default
+    seen.clear()
+    st = _chain_stats("default,plan_memory{margin=0.1}", budget=full)  # fits the budget, not 10% under it
+    assert seen == [int(full * 0.9), full] and st["budget"] == full and st["feasible"], (seen, st)
+    assert any(w.startswith(f"margin=0.1 not kept: {format_bytes(int(full * 0.9))} (10.0% under memory_budget) "
+                            "is infeasible") for w in st["warnings"]), st["warnings"]
+    with pytest.raises(Exception, match="smallest feasible budget"):  # under the budget itself: refused as before
+        _chain_stats("default,plan_memory{margin=0.1}", budget=full - 2**12)
     with pytest.raises(Exception, match=r"margin=0\.5; expected a fraction of the budget in \[0, 0\.5\)"):
         _chain_stats("default,plan_memory{margin=0.5}", budget=full)

@@ -537,16 +537,15 @@ def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optim
             first = optimizer if (optimizer != "hybrid_adam" or any(k in optimizer_options for k in _TIER_KEYS)) \
                 else TIER_LADDER[0][0]
             try:
-                check_budget(model, _under_margin(model, target_vram), optimizer=first,
-                             fuse_optimizer=bool(fuse_optimizer) and grad_accum == 1,
+                check_budget(model, target_vram, optimizer=first, fuse_optimizer=bool(fuse_optimizer) and grad_accum == 1,
                              seq_len=seq_len, batch_size=batch_size, device_total=_device_total(model),
                              optimizer_options=optimizer_options if first == optimizer else None,
                              lower=lower, offload=False, _cache=traces)
                 # fits unchunked without offload: keep the faster graph (an unchunked step that fits only by
                 # offloading whatever it can is slower than the chunked one)
                 chunk_lm_head = False
-                print("unsloth_fx.apply_optimizations: the unchunked step fits the budget with the "
-                      f"{UNCHUNKED_MLP_MARGIN:.1%} margin; no chunking")
+                print("unsloth_fx.apply_optimizations: the unchunked step fits the budget; no chunking (planned "
+                      f"{UNCHUNKED_MLP_MARGIN:.1%} under it where it can be)")
             except InfeasibleBudget:
                 pass
     elif not (isinstance(chunks, int) and chunks >= 1):
@@ -621,43 +620,32 @@ def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optim
 # session) r1-distill-qwen-1.5b at 7 GiB with the LM head + CE chunked alone was planned to 6.99 GiB and measured
 # 7.07 GiB (+1.1%), and planned with this margin to 6.82 GiB it measured 6.93 GiB (+1.6%), at the same speed; the
 # fourth session's unchunked grid measured 0.7-1.8% over its plans. So when apply_optimizations leaves the MLPs
-# unchunked at a budget, the decision and plan_memory both aim this fraction under the budget.
+# unchunked at a budget, plan_memory aims this fraction under the budget (and at the budget itself, with a
+# warning, where that is infeasible: plan_memory's margin is soft).
 UNCHUNKED_MLP_MARGIN = 0.025
 _PLAN = "default,plan_memory{optimizer={OPTIMIZER}}"
 _PLAN_MARGIN = f"default,plan_memory{{optimizer={{OPTIMIZER}},margin={UNCHUNKED_MLP_MARGIN}}}"
 
 
-def _under_margin(model: torch.nn.Module, target_vram: Any) -> Any:
-    """``target_vram`` less :data:`UNCHUNKED_MLP_MARGIN`, in bytes (unchanged when it cannot be resolved here:
-    a fraction of an unknown device's memory, which check_budget then refuses with its own message)."""
-    b = parse_bytes(target_vram)
-    if isinstance(b, float):
-        total = _device_total(model)
-        if total is None:
-            return target_vram
-        b = int(b * total)
-    return int(b * (1.0 - UNCHUNKED_MLP_MARGIN))
-
-
 def _without_mlp_chunks(model: torch.nn.Module, target_vram: Any, opt: torch.optim.Optimizer,
                         check_kw: dict[str, Any]) -> BudgetCheck | None:
-    """The final check of the step with only the LM head + CE chunked, without offload, against the budget
-    less :data:`UNCHUNKED_MLP_MARGIN`, or None when that step does not fit (the MLPs then stay chunked). On
+    """The final check of the step with only the LM head + CE chunked, without offload, or None when that
+    step does not fit (the MLPs then stay chunked; when it fits, the compile plans it
+    :data:`UNCHUNKED_MLP_MARGIN` under the budget where it can). On
     r1-distill-qwen-1.5b at 7 GiB (seq 2048, int4/int4, fused) it is 0.69x stock compile AMP's tokens/s against
     0.51x with the MLPs chunked (H100, docs/benchmarks.md); the step that offloads is not taken, since
     offloading whatever it can is slower than chunking."""
     from unsloth_fx.memory.schedule import InfeasibleBudget
 
     try:
-        chk = check_budget(model, _under_margin(model, target_vram), optimizer=opt,
-                           **{**check_kw, "chunk_mlp": False, "offload": False})
+        chk = check_budget(model, target_vram, optimizer=opt, **{**check_kw, "chunk_mlp": False, "offload": False})
     except InfeasibleBudget as e:
         print("unsloth_fx.apply_optimizations: the MLPs stay chunked (with the LM head + CE chunked alone the "
-              f"smallest feasible budget is {format_bytes(e.smallest_feasible)} without offload, and the MLPs "
-              f"unchunked need it {UNCHUNKED_MLP_MARGIN:.1%} under the budget)", flush=True)
+              f"smallest feasible budget is {format_bytes(e.smallest_feasible)} without offload)", flush=True)
         return None
-    print("unsloth_fx.apply_optimizations: the step fits with the LM head + CE chunked and the MLPs not "
-          f"({UNCHUNKED_MLP_MARGIN:.1%} under the budget); no MLP chunking (fewer kernels)", flush=True)
+    print("unsloth_fx.apply_optimizations: the step fits with the LM head + CE chunked and the MLPs not; "
+          f"no MLP chunking (fewer kernels; planned {UNCHUNKED_MLP_MARGIN:.1%} under the budget where it can be)",
+          flush=True)
     return chk
 
 
