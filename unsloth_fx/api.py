@@ -545,7 +545,7 @@ def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optim
                 # offloading whatever it can is slower than the chunked one)
                 chunk_lm_head = False
                 print("unsloth_fx.apply_optimizations: the unchunked step fits the budget; no chunking (planned "
-                      f"{UNCHUNKED_MLP_MARGIN:.1%} under it where it can be)")
+                      f"{PLAN_MARGIN:.1%} under it where it can be)")
             except InfeasibleBudget:
                 pass
     elif not (isinstance(chunks, int) and chunks >= 1):
@@ -598,6 +598,14 @@ def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optim
     if check and chk is None:
         # the optimizer itself: its exact state layout
         chk = check_budget(model, target_vram, optimizer=opt, **check_kw)
+    if own_pipeline and _PLAN in pipeline and chk is not None and chk.budget and chk.smallest_feasible is not None:
+        if chk.smallest_feasible <= chk.budget * (1.0 - PLAN_MARGIN):
+            pipeline = pipeline.replace(_PLAN, _PLAN_MARGIN)
+        else:
+            print(f"unsloth_fx.apply_optimizations: no {PLAN_MARGIN:.1%} margin under the budget (smallest feasible "
+                  f"{format_bytes(chk.smallest_feasible)} of {format_bytes(chk.budget)}): the planner was 1-2% under "
+                  "the measured peak on an H100 (docs/memory.md), so the step may exceed the budget by that much",
+                  flush=True)
     key = planner_optimizer_key(model, opt)
     pipeline = pipeline.replace("{OPTIMIZER}", key)
     backend_options = {"memory_budget": target_vram, "fuse_optimizer": bool(fuse_optimizer), "pipeline": pipeline,
@@ -616,22 +624,23 @@ def apply_optimizations(model: torch.nn.Module, target_vram: Any = "7GiB", optim
     return compiled, opt
 
 
-# The static model under-predicts a step whose MLPs are not chunked: on an H100 (docs/benchmarks.md, twelfth
-# session) r1-distill-qwen-1.5b at 7 GiB with the LM head + CE chunked alone was planned to 6.99 GiB and measured
-# 7.07 GiB (+1.1%), and planned with this margin to 6.82 GiB it measured 6.93 GiB (+1.6%), at the same speed; the
-# fourth session's unchunked grid measured 0.7-1.8% over its plans. So when apply_optimizations leaves the MLPs
-# unchunked at a budget, plan_memory aims this fraction under the budget (and at the budget itself, with a
-# warning, where that is infeasible: plan_memory's margin is soft).
-UNCHUNKED_MLP_MARGIN = 0.025
+# The static model under-predicts the card: on an H100 (docs/benchmarks.md, twelfth session) r1-distill-qwen-1.5b
+# at 7 GiB with the LM head + CE chunked alone was planned to 6.99 GiB and measured 7.07 GiB (+1.1%), and planned
+# with this margin to 6.82 GiB it measured 6.93 GiB (+1.6%), at the same speed; the fourth session's grid
+# measured 0.7-1.8% over its predictions. So plan_memory aims this fraction under the budget in the pipelines
+# apply_optimizations builds: always when it leaves the MLPs unchunked (the margin is soft: plan_memory plans to
+# the budget itself, with a warning, where the margin is infeasible), and with the MLPs chunked when the check's
+# smallest feasible budget leaves room for it (else a line says the step has no such headroom).
+PLAN_MARGIN = 0.025
 _PLAN = "default,plan_memory{optimizer={OPTIMIZER}}"
-_PLAN_MARGIN = f"default,plan_memory{{optimizer={{OPTIMIZER}},margin={UNCHUNKED_MLP_MARGIN}}}"
+_PLAN_MARGIN = f"default,plan_memory{{optimizer={{OPTIMIZER}},margin={PLAN_MARGIN}}}"
 
 
 def _without_mlp_chunks(model: torch.nn.Module, target_vram: Any, opt: torch.optim.Optimizer,
                         check_kw: dict[str, Any]) -> BudgetCheck | None:
     """The final check of the step with only the LM head + CE chunked, without offload, or None when that
     step does not fit (the MLPs then stay chunked; when it fits, the compile plans it
-    :data:`UNCHUNKED_MLP_MARGIN` under the budget where it can). On
+    :data:`PLAN_MARGIN` under the budget where it can). On
     r1-distill-qwen-1.5b at 7 GiB (seq 2048, int4/int4, fused) it is 0.69x stock compile AMP's tokens/s against
     0.51x with the MLPs chunked (H100, docs/benchmarks.md); the step that offloads is not taken, since
     offloading whatever it can is slower than chunking."""
@@ -644,7 +653,7 @@ def _without_mlp_chunks(model: torch.nn.Module, target_vram: Any, opt: torch.opt
               f"smallest feasible budget is {format_bytes(e.smallest_feasible)} without offload)", flush=True)
         return None
     print("unsloth_fx.apply_optimizations: the step fits with the LM head + CE chunked and the MLPs not; "
-          f"no MLP chunking (fewer kernels; planned {UNCHUNKED_MLP_MARGIN:.1%} under the budget where it can be)",
+          f"no MLP chunking (fewer kernels; planned {PLAN_MARGIN:.1%} under the budget where it can be)",
           flush=True)
     return chk
 
