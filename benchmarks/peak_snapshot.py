@@ -88,8 +88,13 @@ def run_gpu(a: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     model = build_model(a.model, device="cuda", dtype=torch.bfloat16)
     model.train()
-    step_model, opt = apply_optimizations(model, target_vram=a.budget, optimizer="hybrid_adam", lr=1e-5,
-                                          seq_len=a.seq, batch_size=a.batch)
+    budget, extra = a.budget, {}
+    if a.variant:  # a suite variant's step (its budget, pipeline, tier and check)
+        from unsloth_fx.bench import VARIANTS, ufx_arguments
+
+        budget, extra = ufx_arguments(VARIANTS[a.variant][1])
+    step_model, opt = apply_optimizations(model, target_vram=budget, optimizer="hybrid_adam", lr=1e-5,
+                                          seq_len=a.seq, batch_size=a.batch, **extra)
     chk = (step_model.ufx_report or {}).get("check") or {}
     toks = byte_tokens(stdlib_corpus(max_bytes=max(a.batch * a.seq * (a.warmup + 3) * 2, 1 << 20)))
     batches = lm_batches(toks, a.batch, a.seq, seed=0, epochs=None)
@@ -126,7 +131,7 @@ def run_gpu(a: argparse.Namespace) -> dict[str, Any]:
 
     ctx = backend.LAST.get("ctx")  # the compiled graph's plan (the last graph compiled)
     plan = ctx.stats.get("joint", {}).get("plan_memory", {}) if ctx is not None else {}
-    return {"model": a.model, "seq": a.seq, "batch": a.batch, "budget": a.budget,
+    return {"model": a.model, "seq": a.seq, "batch": a.batch, "budget": budget, "variant": a.variant,
             "card": torch.cuda.get_device_name(), "torch": torch.__version__,
             "predicted_peak": chk.get("predicted_peak"), "smallest_feasible": chk.get("smallest_feasible"),
             "plan_predicted_peak": plan.get("predicted_peak"), "plan_recompute": plan.get("recompute"),
@@ -157,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--variant", default=None,
+                    help="build the step of this unsloth-fx suite variant (unsloth_fx.bench.VARIANTS) instead of "
+                         "apply_optimizations at --budget; --budget is then only a label")
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--max-entries", type=int, default=500_000)
     ap.add_argument("--out", default=None)
@@ -165,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     rec = smoke() if a.smoke else run_gpu(a)
     if not a.smoke:
         g = lambda b: "-" if b is None else f"{b / GiB:.3f} GiB"  # noqa: E731
-        print(f"{a.model} seq {a.seq} budget {a.budget} on {rec['card']} (torch {rec['torch']}), tier {rec['tier']}")
+        print(f"{a.model} seq {a.seq} budget {rec['budget']} ({a.variant or 'apply_optimizations'}) on {rec['card']} (torch {rec['torch']}), tier {rec['tier']}")
         print(f"  predicted: all saved {g(rec['predicted_peak'])}, the compiled plan "
               f"{g(rec.get('plan_predicted_peak'))} (recompute {rec.get('plan_recompute')}, offload "
               f"{rec.get('plan_offload')}); measured {g(rec['measured_peak_recorded_step'])} "

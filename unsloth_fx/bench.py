@@ -167,6 +167,22 @@ def timed_section(wait_note_s: float = 30.0):
             fcntl.lockf(f, fcntl.LOCK_UN)
 
 
+def ufx_arguments(s: dict[str, Any], smoke: bool = False) -> tuple[str | None, dict[str, Any]]:
+    """(target_vram, other keyword arguments) for ``apply_optimizations`` from an unsloth-fx variant's settings
+    (``VARIANTS[name][1]``); ``benchmarks/peak_snapshot.py --variant`` builds the same step."""
+    extra: dict[str, Any] = {"lower": "eager"} if smoke else {}
+    budget = None if s["ufx"] == "none" else "64MiB" if smoke else s["ufx"]  # tiny model: a budget it can meet
+    if s.get("tiers"):
+        sp, hp = s["tiers"].split("/")
+        extra["optimizer_options"] = {"state_precision": sp, "high_precision_tier": hp}
+    if s.get("pipeline"):
+        extra["pipeline"] = s["pipeline"]
+    if s.get("chunks"):
+        extra["chunks"] = s["chunks"]
+    extra["check"] = s.get("check", True)
+    return budget, extra
+
+
 def run_variant(cfg: dict[str, Any]) -> dict[str, Any]:
     """Train one variant in this process; returns its record (raises on OOM / errors)."""
     import torch._functorch.config as fc
@@ -204,19 +220,10 @@ def _run_variant(cfg: dict[str, Any]) -> dict[str, Any]:
     if s.get("ufx"):
         from unsloth_fx.api import apply_optimizations
 
-        extra: dict[str, Any] = {"lower": "eager"} if smoke else {}
-        budget = None if s["ufx"] == "none" else "64MiB" if smoke else s["ufx"]  # tiny model: a budget it can meet
-        if s.get("tiers"):
-            sp, hp = s["tiers"].split("/")
-            extra["optimizer_options"] = {"state_precision": sp, "high_precision_tier": hp}
-        if s.get("pipeline"):
-            extra["pipeline"] = s["pipeline"]
-        if s.get("chunks"):
-            extra["chunks"] = s["chunks"]
+        budget, extra = ufx_arguments(s, smoke)
         t_setup = time.perf_counter()
         step_model, opt = apply_optimizations(model, target_vram=budget, optimizer="hybrid_adam", lr=lr,
-                                              seq_len=cfg["seq"], batch_size=cfg["batch"],
-                                              check=s.get("check", True), **extra)
+                                              seq_len=cfg["seq"], batch_size=cfg["batch"], **extra)
         setup_s = time.perf_counter() - t_setup
         _say(f"    apply_optimizations: {setup_s:.1f} s (the early check; the compile comes with step 1)")
         report = dict(step_model.ufx_report, setup_s=setup_s)
