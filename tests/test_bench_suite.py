@@ -261,3 +261,30 @@ def test_the_lm_head_only_variant_chunks_the_lm_head_and_not_the_mlps(variant, m
     assert "split_token_chunks" not in st["pre_grad"]
     smoke_budget = 64 * 2**20  # smoke runs give every budget variant 64 MiB
     assert st["joint"]["plan_memory"]["budget"] == int(smoke_budget * (1 - margin))
+
+
+def test_ufx_arguments_are_what_the_suite_and_peak_snapshot_pass_to_apply_optimizations():
+    budget, kw = bench.ufx_arguments(bench.VARIANTS["ufx-24GiB-16chunks-int4"][1])
+    assert budget == "24GiB" and kw["check"] is False and kw["chunks"] == 16
+    assert kw["optimizer_options"] == {"state_precision": "int4", "high_precision_tier": "int4"}
+    assert "layer_checkpoints=first" in kw["pipeline"] and "lower" not in kw
+    budget, kw = bench.ufx_arguments(bench.VARIANTS["ufx-7GiB"][1])
+    assert (budget, kw) == ("7GiB", {"check": True})  # the product path: apply_optimizations' own choices
+    budget, kw = bench.ufx_arguments(bench.VARIANTS["ufx-7GiB"][1], smoke=True)
+    assert (budget, kw) == ("64MiB", {"lower": "eager", "check": True})
+    assert bench.ufx_arguments(bench.VARIANTS["ufx-nobudget-int4"][1])[0] is None
+
+
+def test_peak_snapshot_takes_a_suite_variant(capsys):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "peak_snapshot.py"
+    spec = importlib.util.spec_from_file_location("peak_snapshot", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit):
+        mod.main(["--help"])
+    assert "--variant" in capsys.readouterr().out
+    assert mod.main(["--smoke"]) == 0  # the replay logic (the GPU path needs CUDA)
+    assert '"replayed_peak": 1160' in capsys.readouterr().out
