@@ -185,6 +185,29 @@ def test_each_update_sits_after_the_last_read_of_its_parameter(pipeline):
     assert update_order_violations(bw) == []
 
 
+@pytest.mark.parametrize("pipeline", ["fuse_optimizer{group_bytes=4096}", UNGROUPED])
+def test_no_gradient_is_kept_alive_past_its_own_update(pipeline):
+    # The memory planner frees each fused gradient at its update. Before the fix, a gradient that lazily depends
+    # on a parameter updated later (norm and LM-head gradients depend on the embedding through the residual
+    # stream) was listed in that later update's `after` arguments, because the graph output still used it while
+    # the pass ran: the lowered code kept it to the end of backward (the 1.5B's 445 MiB LM-head gradient on the H100).
+    m = _model("tiny-qwen2", num_hidden_layers=2)
+    opt = HybridAdamW(m.parameters(), lr=1e-3, state_precision="fp32", implementation="reference")
+    fusion.attach(m, opt)
+    torch._dynamo.reset()
+    c = torch.compile(m, backend="unsloth", options={**OPTS, "fuse_optimizer": True,
+                                                      "pipeline": f"fuse_linear_cross_entropy{{chunks=2}},{pipeline}"})
+    ids = _batches(1, 512, 1)[0]
+    c(input_ids=ids, labels=ids).loss.backward()
+    bw = backend.LAST["backward"]
+    order = {n: k for k, n in enumerate(bw.graph.nodes)}
+    members = _members(bw)
+    assert len(members) == len(list(m.parameters())) and len(_fused_ops(bw)) > 1
+    late = [(name, u.name) for _, g, name, node in members for u in g.users if order[u] > order[node]]
+    assert late == []
+    assert update_order_violations(bw) == []
+
+
 @pytest.mark.parametrize("grouped", [False, True])
 def test_order_checker_catches_an_update_moved_before_a_read(grouped):
     m = _model("tiny-qwen2", num_hidden_layers=1)
