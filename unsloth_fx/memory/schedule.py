@@ -131,12 +131,6 @@ def node_seconds(node: torch.fx.Node, dev: DeviceModel) -> float:
         elif "attention" in name:
             q, kk = shapes[0], shapes[1]
             flops = 4.0 * _hint(q.numel()) * _hint(kk.shape[-2])
-        elif name.startswith("linear_cross_entropy") and len(shapes) >= 2:
-            # the fused LM head + CE (runtime/linear_cross_entropy.py): logits h @ W.T, and with compute_grad
-            # also g @ W and g.T @ h, each 2 * tokens * vocab * hidden. Without this it was costed at its bytes
-            # (0.24 ms for the 1.5B at seq 2048, against ~2.9 TFLOP) and the plans recomputed it in backward.
-            grad = node.args[7] if len(node.args) > 7 else node.kwargs.get("compute_grad", True)
-            flops = (6.0 if grad else 2.0) * _hint(shapes[0].numel()) * _hint(shapes[1].shape[0])
     moved = sum(_hint(storage_size(s).nbytes) for s in shapes)
     if isinstance(out, torch.Tensor):
         moved += _hint(storage_size(out).nbytes)
