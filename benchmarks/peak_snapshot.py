@@ -76,6 +76,44 @@ def summarize(peak_live: dict[int, dict[str, Any]], top: int) -> list[dict[str, 
     return rows[:top]
 
 
+# run_gpu allocates a block of this size between the forward and loss.backward(); its alloc event splits the trace
+MARK_BYTES = 10_752  # 21 x 512 B: a multiple of the allocator's rounding, and no tensor of the models has it
+
+
+def backward_starts(trace: list[dict[str, Any]]) -> int | None:
+    """Index of the first event of the backward (the marker's alloc), or None without a marker."""
+    return next((i for i, ev in enumerate(trace) if ev.get("action") == "alloc" and ev.get("size") == MARK_BYTES
+                 and any(os.path.basename(f.get("filename", "")) == "peak_snapshot.py" for f in ev.get("frames") or [])),
+                None)
+
+
+def held_before(trace: list[dict[str, Any]], segments: list[dict[str, Any]], top: int) -> list[dict[str, Any]]:
+    """Blocks allocated before recording began, by size (largest total first): those the trace frees without having
+    allocated them, and those the snapshot's segments still hold that the trace never allocated. Their stacks were
+    not recorded; sizes alone name the usual suspects (parameters, optimizer state, library workspaces)."""
+    seen: set[int] = set()
+    sizes: list[int] = []
+    for ev in trace:
+        if ev.get("action") == "alloc":
+            seen.add(ev["addr"])
+        elif ev.get("action") == "free_completed" and ev["addr"] not in seen:
+            sizes.append(ev["size"])
+            seen.add(ev["addr"])
+    for seg in segments:
+        addr = seg.get("address", 0)
+        for b in seg.get("blocks", []):
+            at = b.get("address", addr)  # blocks tile their segment in order; newer torch also names the address
+            if b.get("state") == "active_allocated" and at not in seen:
+                sizes.append(b["size"])
+            addr = at + b["size"]
+    by: dict[int, int] = defaultdict(int)
+    for z in sizes:
+        by[z] += 1
+    rows = [{"size": z, "blocks": k, "bytes": z * k} for z, k in by.items()]
+    rows.sort(key=lambda r: -r["bytes"])
+    return rows[:top]
+
+
 def run_gpu(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -102,6 +140,8 @@ def run_gpu(a: argparse.Namespace) -> dict[str, Any]:
     def step() -> float:
         x, y = next(batches)
         loss = step_model(input_ids=x.cuda(), labels=y.cuda(), use_cache=False).loss
+        mark = torch.empty(MARK_BYTES, dtype=torch.uint8, device="cuda")  # the forward ends here (backward_starts)
+        del mark
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -127,6 +167,7 @@ def run_gpu(a: argparse.Namespace) -> dict[str, Any]:
     dev = torch.cuda.current_device()
     trace = snap["device_traces"][dev]
     peak, peak_live, at = replay(trace, baseline)
+    bw_at = backward_starts(trace)
     from unsloth_fx import backend
 
     ctx = backend.LAST.get("ctx")  # the compiled graph's plan (the last graph compiled)
@@ -139,20 +180,37 @@ def run_gpu(a: argparse.Namespace) -> dict[str, Any]:
             "tier": (step_model.ufx_report or {}).get("optimizer_policy", {}).get("chosen"),
             "measured_peak_recorded_step": measured, "measured_peak_warmup_steps": peak_all,
             "replayed_peak": peak, "baseline": baseline, "trace_events": len(trace), "peak_event": at,
-            "sites": summarize(peak_live, a.top)}
+            "backward_starts_at": bw_at, "peak_phase": _phase(at, bw_at),
+            "peak_site": where(trace[at]) if at >= 0 else None, "sites": summarize(peak_live, a.top),
+            "held_before_recording": held_before(trace, snap.get("segments", []), a.top)}
+
+
+def _phase(at: int, bw_at: int | None) -> str:
+    return "unknown" if bw_at is None or at < 0 else "forward" if at < bw_at else "backward (optimizer fused into it)"
 
 
 def smoke() -> dict[str, Any]:
-    """The replay on a hand-made trace (no GPU): peak, what is alive, grouping by site."""
+    """The replay on a hand-made trace (no GPU): peak, what is alive, grouping by site, the phase of the peak
+    and the blocks held from before recording."""
     fr = [{"filename": __file__, "line": 1, "name": "f"}]
-    trace = [{"action": "alloc", "addr": 1, "size": 100, "frames": fr},
-             {"action": "alloc", "addr": 2, "size": 50, "frames": fr},
-             {"action": "free_requested", "addr": 1, "size": 100},
-             {"action": "alloc", "addr": 3, "size": 10, "frames": fr},  # 1 not yet completed: 160 + base
-             {"action": "free_completed", "addr": 1, "size": 100},
-             {"action": "alloc", "addr": 4, "size": 20, "frames": fr}]
+    mark = [{"filename": __file__, "line": 1, "name": "step"}]
+    trace = [{"action": "alloc", "addr": 1, "size": 100_000, "frames": fr},
+             {"action": "alloc", "addr": 2, "size": 50_000, "frames": fr},
+             {"action": "alloc", "addr": 9, "size": MARK_BYTES, "frames": mark},  # the backward starts here
+             {"action": "free_completed", "addr": 9, "size": MARK_BYTES},
+             {"action": "free_requested", "addr": 1, "size": 100_000},
+             {"action": "alloc", "addr": 3, "size": 20_000, "frames": fr},  # 1 not yet completed: 170,000 + base
+             {"action": "free_completed", "addr": 1, "size": 100_000},
+             {"action": "alloc", "addr": 4, "size": 20_000, "frames": fr},
+             {"action": "free_completed", "addr": 70, "size": 512}]  # allocated before recording, freed in the step
+    segments = [{"address": 2, "blocks": [{"size": 50_000, "state": "active_allocated"}]},  # made in the step
+                {"address": 1 << 20, "blocks": [{"size": 4096, "state": "active_allocated"},  # held from before
+                                                {"size": 30, "state": "inactive"}]}]  # cached, not allocated
     peak, live, at = replay(trace, 1000)
-    return {"replayed_peak": peak, "peak_event": at, "live": sorted(live), "sites": summarize(live, 5)}
+    bw_at = backward_starts(trace)
+    return {"replayed_peak": peak, "peak_event": at, "live": sorted(live), "sites": summarize(live, 5),
+            "backward_starts_at": bw_at, "peak_phase": _phase(at, bw_at), "peak_site": where(trace[at]),
+            "held_before_recording": held_before(trace, segments, 5)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,9 +237,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{rec.get('plan_offload')}); measured {g(rec['measured_peak_recorded_step'])} "
               f"(recorded step), {g(rec['measured_peak_warmup_steps'])} (warm-up steps incl. compile); "
               f"replayed {g(rec['replayed_peak'])}; before recording {g(rec['baseline'])}")
+        print(f"  the peak: event {rec['peak_event']} of {rec['trace_events']}, in the {rec['peak_phase']} "
+              f"(backward from event {rec['backward_starts_at']}), allocating at {rec['peak_site']}")
         print("| MiB | blocks | allocated at |\n|---:|---:|---|")
         for r in rec["sites"]:
             print(f"| {r['bytes'] / MiB:,.1f} | {r['blocks']} | {r['site']} |")
+        print("blocks allocated before recording, by size (no stacks):\n| MiB | block size | blocks |\n|---:|---:|---:|")
+        for r in rec["held_before_recording"]:
+            print(f"| {r['bytes'] / MiB:,.1f} | {r['size']:,} | {r['blocks']} |")
     else:
         print(json.dumps(rec, indent=1))
     if a.out:

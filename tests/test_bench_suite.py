@@ -287,4 +287,8 @@ def test_peak_snapshot_takes_a_suite_variant(capsys):
         mod.main(["--help"])
     assert "--variant" in capsys.readouterr().out
     assert mod.main(["--smoke"]) == 0  # the replay logic (the GPU path needs CUDA)
-    assert '"replayed_peak": 1160' in capsys.readouterr().out
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["replayed_peak"] == 171_000 and rec["peak_event"] == 5 and rec["live"] == [1, 2, 3]
+    assert rec["backward_starts_at"] == 2 and rec["peak_phase"].startswith("backward")
+    assert [(r["size"], r["blocks"]) for r in rec["held_before_recording"]] == [(4096, 1), (512, 1)]
+    assert mod._phase(1, 2) == "forward" and mod._phase(5, None) == "unknown"
