@@ -5,8 +5,11 @@ warm-up steps, then records the CUDA caching allocator's history (torch's memory
 one more step and replays it: the moment of the largest allocated total, and the blocks alive
 then, largest first, each with the first frames of the Python stack that allocated it (compiled
 code included, with its source line). Blocks allocated before recording (parameters, optimizer
-state) are one line, "allocated before recording". Prints the check's all-saved
-prediction and the compiled plan's predicted peak (``plan_memory``'s stats) beside the measured one.
+state, library workspaces) count in the baseline and are listed by block size (no stacks were recorded
+for them). Says whether the peak is in the forward or the backward (a marker allocation of
+``MARK_BYTES`` just before ``loss.backward()`` splits the trace) and which allocation reached it. Prints the
+check's all-saved prediction and the compiled plan's predicted peak (``plan_memory``'s stats) beside the
+measured one. ``--variant NAME`` builds a suite variant's step instead (``unsloth_fx.bench.VARIANTS``).
 
     python3 benchmarks/peak_snapshot.py --budget 8GiB --seq 2048            # GPU
     python3 benchmarks/peak_snapshot.py --smoke                              # CPU: the replay logic only
