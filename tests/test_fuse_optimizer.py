@@ -156,16 +156,21 @@ def test_param_grad_is_none_and_grad_outputs_dropped():
 # placement: golden checks on the backward graph
 # --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("pipeline", ["fuse_optimizer", UNGROUPED])
-def test_each_update_sits_after_the_last_read_of_its_parameter(pipeline):
-    m = _model("tiny-qwen2", num_hidden_layers=1)
+def _fused_backward(pipeline, layers=1):
+    """One fused step of tiny-qwen2 through ``pipeline``: (model, the backward graph)."""
+    m = _model("tiny-qwen2", num_hidden_layers=layers)
     opt = HybridAdamW(m.parameters(), lr=1e-3, state_precision="fp32", implementation="reference")
     fusion.attach(m, opt)
     torch._dynamo.reset()
     c = torch.compile(m, backend="unsloth", options={**OPTS, "pipeline": pipeline, "fuse_optimizer": True})
     ids = _batches(1, 512, 1)[0]
     c(input_ids=ids, labels=ids).loss.backward()
-    bw = backend.LAST["backward"]
+    return m, backend.LAST["backward"]
+
+
+@pytest.mark.parametrize("pipeline", ["fuse_optimizer", UNGROUPED])
+def test_each_update_sits_after_the_last_read_of_its_parameter(pipeline):
+    m, bw = _fused_backward(pipeline)
     code = bw.code
     members = _members(bw)
     assert len(members) == len(list(m.parameters()))
@@ -191,15 +196,7 @@ def test_no_gradient_is_kept_alive_past_its_own_update(pipeline):
     # on a parameter updated later (norm and LM-head gradients depend on the embedding through the residual
     # stream) was listed in that later update's `after` arguments, because the graph output still used it while
     # the pass ran: the lowered code kept it to the end of backward (the 1.5B's 445 MiB LM-head gradient on the H100).
-    m = _model("tiny-qwen2", num_hidden_layers=2)
-    opt = HybridAdamW(m.parameters(), lr=1e-3, state_precision="fp32", implementation="reference")
-    fusion.attach(m, opt)
-    torch._dynamo.reset()
-    c = torch.compile(m, backend="unsloth", options={**OPTS, "fuse_optimizer": True,
-                                                      "pipeline": f"fuse_linear_cross_entropy{{chunks=2}},{pipeline}"})
-    ids = _batches(1, 512, 1)[0]
-    c(input_ids=ids, labels=ids).loss.backward()
-    bw = backend.LAST["backward"]
+    m, bw = _fused_backward(f"fuse_linear_cross_entropy{{chunks=2}},{pipeline}", layers=2)
     order = {n: k for k, n in enumerate(bw.graph.nodes)}
     members = _members(bw)
     assert len(members) == len(list(m.parameters())) and len(_fused_ops(bw)) > 1
