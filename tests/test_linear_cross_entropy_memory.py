@@ -7,6 +7,7 @@ and its gradients have ``[vocab, hidden]`` shape, and only the per-chunk logits 
 ``[chunk_tokens, vocab]`` shape.
 """
 
+import dataclasses
 import weakref
 
 import pytest
@@ -174,3 +175,28 @@ def test_per_chunk_work_budget_fails_for_a_wasteful_chunk(monkeypatch):
     monkeypatch.setattr(lce.torch, "mm", wasteful_mm)
     a, b = _chunk_ops(torch.float32, 2), _chunk_ops(torch.float32, 4)
     assert (len(_kernels(b)) - len(_kernels(a))) // 2 > 18
+
+
+def test_the_schedulers_cost_counts_the_ops_matmuls():
+    # memory.schedule.node_seconds is what the planner weighs a recompute by. The op runs h @ W.T per chunk and,
+    # computing gradients, g @ W and g.T @ h: 2*T*V*H FLOPs each. Costed at its bytes alone (as before the
+    # thirteenth session) the 1.5B's plan recomputed the whole op in backward as if it were free (0.24 ms
+    # against ~7 ms).
+    from unsloth_fx.memory import schedule as S
+    from unsloth_fx.memory.trace import trace_function
+
+    def f(h, w, y):
+        return torch.ops.unsloth_fx.linear_cross_entropy(h, w, y, -100, 4, 0, "sum", True)[0]
+
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(T, H, generator=g).requires_grad_(), torch.randn(V, H, generator=g).requires_grad_(),
+            torch.randint(0, V, (T,), generator=g)]
+    joint, _ = trace_function(f, args, {1: "w"})
+    node = next(n for n in joint.graph.nodes if "linear_cross_entropy" in str(n.target))
+    dev = S.DeviceModel(flops_per_s=1e6, mem_bytes_per_s=1e15)  # FLOP-bound: bytes are free
+    assert S.node_seconds(node, dev) == pytest.approx(6 * T * V * H / 1e6)
+    assert len(node.args) == 7  # the trailing default compute_grad=True is dropped in the graph
+    node.args = (*node.args, False)  # the forward-only op (inference): logits alone
+    assert S.node_seconds(node, dev) == pytest.approx(2 * T * V * H / 1e6)
+    # the early check's floor candidates (schedule.minimum_decisions) cost it by its bytes, as before
+    assert S.node_seconds(node, dataclasses.replace(dev, lm_head_flops=False)) < 1e-9

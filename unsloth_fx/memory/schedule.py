@@ -63,6 +63,11 @@ class DeviceModel:
     d2h_bytes_per_s: float = 25e9  # device -> host (offload)
     offload_overhead_s: float = 5e-6  # per offloaded tensor: two copy launches and an event wait
     offload: bool = True  # False: the solver never offloads
+    # charge the fused LM head + CE its matmuls (node_seconds). minimum_decisions turns it off: its time-optimal
+    # candidates search for low peaks, and costed honestly they keep the op's [vocab, hidden] gradient, which the
+    # kept-bytes limit counts as held across the gap although the forward's last op makes it (tiny models' floors
+    # rose 10%; docs/memory.md, "Thirteenth session")
+    lm_head_flops: bool = True
 
 
 class InfeasibleBudget(ValueError):
@@ -131,6 +136,12 @@ def node_seconds(node: torch.fx.Node, dev: DeviceModel) -> float:
         elif "attention" in name:
             q, kk = shapes[0], shapes[1]
             flops = 4.0 * _hint(q.numel()) * _hint(kk.shape[-2])
+        elif name.startswith("linear_cross_entropy") and len(shapes) >= 2 and dev.lm_head_flops:
+            # the fused LM head + CE (runtime/linear_cross_entropy.py): logits h @ W.T, and with compute_grad
+            # also g @ W and g.T @ h, each 2 * tokens * vocab * hidden. Without this it was costed at its bytes
+            # (0.24 ms for the 1.5B at seq 2048, against ~2.9 TFLOP) and the plans recomputed it in backward.
+            grad = node.args[7] if len(node.args) > 7 else node.kwargs.get("compute_grad", True)
+            flops = (6.0 if grad else 2.0) * _hint(shapes[0].numel()) * _hint(shapes[1].shape[0])
     moved = sum(_hint(storage_size(s).nbytes) for s in shapes)
     if isinstance(out, torch.Tensor):
         moved += _hint(storage_size(out).nbytes)
@@ -393,7 +404,7 @@ def minimum_decisions(joint: torch.fx.GraphModule, num_fwd_outputs: int, saved_b
     time-optimal MILP at 1/2 and 1/4 of ``saved_bytes`` (the all-saved plan's saved bytes), all three
     without offload; last, :func:`offload_minimum` (None without ``dev.offload``). They depend on the
     graph, not on the optimizer, so a caller checking several optimizer policies solves once per graph."""
-    plain = replace(dev, offload=False)
+    plain = replace(dev, offload=False, lm_head_flops=False)
     decs = [solve(joint, num_fwd_outputs, 2**62, plain, force_recompute=True)]
     decs += [solve(joint, num_fwd_outputs, int(saved_bytes * f), plain) for f in (0.5, 0.25)]
     return decs + [offload_minimum(joint, num_fwd_outputs, dev)]
