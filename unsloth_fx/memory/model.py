@@ -473,6 +473,17 @@ def _hint(x: Any) -> int:
     return _compat.symint_hint(x)[0] or 0
 
 
+# unsloth_fx.linear_cross_entropy's arguments after (hidden, weight, labels), with the schema's defaults
+_LCE_OPTIONS = (("ignore_index", -100), ("chunks", 4), ("chunk_size", 0), ("reduction", "mean"),
+                ("compute_grad", True), ("grad_weight_accum", "fp32"))
+
+
+def lce_options(node: torch.fx.Node) -> dict[str, Any]:
+    """The options of an ``unsloth_fx.linear_cross_entropy`` node by name (a traced graph drops trailing defaults)."""
+    return {k: node.args[i] if len(node.args) > i else node.kwargs.get(k, d)
+            for i, (k, d) in enumerate(_LCE_OPTIONS, 3)}
+
+
 def _workspace(node: torch.fx.Node) -> int:
     """Bytes a kernel allocates internally for the duration of one op (not graph values).
 
@@ -501,12 +512,11 @@ def _workspace(node: torch.fx.Node) -> int:
             return 0
         from unsloth_fx.runtime.linear_cross_entropy import workspace_bytes as lce_bytes
 
-        defaults = (-100, 4, 0, "mean", True, "fp32")  # the op's schema defaults for args 3..8
-        rest = [node.args[i] if len(node.args) > i else node.kwargs.get(k, d) for i, (k, d) in enumerate(zip(
-            ("ignore_index", "chunks", "chunk_size", "reduction", "compute_grad", "grad_weight_accum"), defaults), 3)]
+        o = lce_options(node)
         V, H = _hint(w.shape[0]), _hint(w.shape[1])
         tokens = _hint(h.numel()) // max(H, 1)
-        return lce_bytes(tokens, V, H, w.dtype, int(rest[1]), int(rest[2]), bool(rest[4]), str(rest[5]))
+        return lce_bytes(tokens, V, H, w.dtype, int(o["chunks"]), int(o["chunk_size"]), bool(o["compute_grad"]),
+                         str(o["grad_weight_accum"]))
     if op in ("unsloth_fx.embedding_dense_backward.default", "aten.embedding_dense_backward.default"):
         g, idx = _arg_val(node, 0), _arg_val(node, 1)
         if not (isinstance(g, torch.Tensor) and isinstance(idx, torch.Tensor)):

@@ -46,8 +46,8 @@ import torch
 import torch.fx
 
 from unsloth_fx import _compat
-from unsloth_fx.memory.model import (Static, Timeline, _Walker, forward_nodes, partition, predict, round_block,
-                                     simulate, storage_size)
+from unsloth_fx.memory.model import (Static, Timeline, _Walker, forward_nodes, lce_options, partition, predict,
+                                     round_block, simulate, storage_size)
 from unsloth_fx.options import format_bytes
 from unsloth_fx.pass_base import ufx
 
@@ -140,7 +140,7 @@ def node_seconds(node: torch.fx.Node, dev: DeviceModel) -> float:
             # the fused LM head + CE (runtime/linear_cross_entropy.py): logits h @ W.T, and with compute_grad
             # also g @ W and g.T @ h, each 2 * tokens * vocab * hidden. Without this it was costed at its bytes
             # (0.24 ms for the 1.5B at seq 2048, against ~2.9 TFLOP) and the plans recomputed it in backward.
-            grad = node.args[7] if len(node.args) > 7 else node.kwargs.get("compute_grad", True)
+            grad = lce_options(node)["compute_grad"]
             flops = (6.0 if grad else 2.0) * _hint(shapes[0].numel()) * _hint(shapes[1].shape[0])
     moved = sum(_hint(storage_size(s).nbytes) for s in shapes)
     if isinstance(out, torch.Tensor):
