@@ -638,31 +638,39 @@ def _(param, grad, m_codes, m_scale, v_codes, v_scale, slot, pool_m, pool_v, err
 TIERS = ("fp32", "bf16", "int8", "int4", "hybrid")
 
 
-def init_state(tier: str, param: Tensor, *, hybrid_bits: int = 4, hybrid_cap: float = 0.1) -> dict:
-    """Zero moment state for ``param`` in ``tier`` (see the module table for bytes)."""
+def init_state(tier: str, param: Tensor, *, hybrid_bits: int = 4, hybrid_cap: float = 0.1,
+               empty=None) -> dict:
+    """Zero moment state for ``param`` in ``tier`` (see the module table for bytes).
+
+    ``empty``: optional ``(shape, dtype) -> Tensor`` that allocates each state tensor
+    (contents undefined: they are filled here), e.g. a view into one buffer that holds
+    an optimizer's whole state; default ``torch.empty`` on ``param``'s device."""
     n = param.numel()
     nblk = nblocks(n)
     dev = param.device
+
+    def new(shape, dtype, value=0):
+        t = torch.empty(shape, dtype=dtype, device=dev) if empty is None else empty(shape, dtype)
+        return t.fill_(value)
+
     if tier in ("fp32", "bf16"):
         dt = torch.float32 if tier == "fp32" else torch.bfloat16
-        return {"exp_avg": torch.zeros(n, dtype=dt, device=dev),
-                "exp_avg_sq": torch.zeros(n, dtype=dt, device=dev)}
+        return {"exp_avg": new((n,), dt), "exp_avg_sq": new((n,), dt)}
     bits = {"int8": 8, "int4": 4, "hybrid": hybrid_bits}[tier]
     code_len = nblk * BLOCK if bits == 8 else nblk * HALF
     st = {
-        "m_codes": torch.zeros(code_len, dtype=torch.int8 if bits == 8 else torch.uint8, device=dev),
-        "v_codes": torch.zeros(code_len, dtype=torch.uint8, device=dev),
-        "m_scale": torch.zeros(nblk, dtype=torch.float32, device=dev),
-        "v_scale": torch.zeros(nblk, dtype=torch.float32, device=dev),
+        # nibble 8 = code 0 in both halves of a 4-bit byte
+        "m_codes": new((code_len,), torch.int8, 0) if bits == 8 else new((code_len,), torch.uint8, 0x88),
+        "v_codes": new((code_len,), torch.uint8),
+        "m_scale": new((nblk,), torch.float32),
+        "v_scale": new((nblk,), torch.float32),
     }
-    if bits == 4:
-        st["m_codes"].fill_(0x88)  # nibble 8 = code 0 in both halves
     if tier == "hybrid":
         cap_blocks = int(hybrid_cap * nblk)
-        st["slot"] = torch.full((nblk,), -1, dtype=torch.int32, device=dev)
-        st["pool_m"] = torch.zeros(cap_blocks, BLOCK, dtype=torch.float32, device=dev)
-        st["pool_v"] = torch.zeros(cap_blocks, BLOCK, dtype=torch.float32, device=dev)
-        st["err"] = torch.zeros(nblk, dtype=torch.float32, device=dev)
+        st["slot"] = new((nblk,), torch.int32, -1)
+        st["pool_m"] = new((cap_blocks, BLOCK), torch.float32)
+        st["pool_v"] = new((cap_blocks, BLOCK), torch.float32)
+        st["err"] = new((nblk,), torch.float32)
     return st
 
 
