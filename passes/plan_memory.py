@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from unsloth_fx.memory import allocator as A
 from unsloth_fx.memory import model as M
 from unsloth_fx.memory import report, schedule
 from unsloth_fx.options import format_bytes
@@ -61,11 +62,13 @@ def _pipeline_credits(ctx: PassContext) -> tuple[bool, int | None, bool]:
 @graph_pass(name="plan_memory", stage="joint", options={"optimizer": "adamw", "keep_outputs": False, "offload": True,
                                                        "h2d_gbps": 25.0, "d2h_gbps": 25.0, "force_offload": "",
                                                        "workspace_reserve": -1, "rounds": 6,
-                                                       "layer_checkpoints": "fallback", "margin": 0.0})
+                                                       "layer_checkpoints": "fallback", "margin": 0.0,
+                                                       "allocator": "auto"})
 def plan_memory(gm: torch.fx.GraphModule, ctx: PassContext, optimizer: str = "adamw",
                 keep_outputs: bool = False, offload: bool = True, h2d_gbps: float = 25.0,
                 d2h_gbps: float = 25.0, force_offload: str = "", workspace_reserve: int = -1,
-                rounds: int = 6, layer_checkpoints: str = "fallback", margin: float = 0.0) -> PassResult:
+                rounds: int = 6, layer_checkpoints: str = "fallback", margin: float = 0.0,
+                allocator: str = "auto") -> PassResult:
     """Predict the step's memory timeline; with a memory_budget, choose save/recompute/offload per activation.
 
     ``rounds``: how many time-optimal MILP rounds to try before the fallbacks (schedule.plan's
@@ -75,13 +78,19 @@ def plan_memory(gm: torch.fx.GraphModule, ctx: PassContext, optimizer: str = "ad
     residual stream between decoder layers is never recomputed (schedule.plan).
     ``margin``: the fraction of ``memory_budget`` held back for the static model's error; the plan
     aims at ``budget * (1 - margin)``, and at the budget itself (with a warning in the stats) where that
-    is infeasible. 0 by default (docs/memory.md)."""
+    is infeasible. 0 by default (docs/memory.md).
+    ``allocator``: whether the static bytes count the CUDA caching allocator's block slack on the
+    parameters and optimizer state (unsloth_fx.memory.allocator): ``"auto"`` (on CUDA, when
+    ``PYTORCH_CUDA_ALLOC_CONF`` keeps the rules it models), ``"cuda"`` (always, e.g. to plan a GPU
+    step on a CPU) or ``"none"``."""
     if layer_checkpoints not in schedule.LAYER_CHECKPOINTS:
         raise ValueError(f"plan_memory: layer_checkpoints={layer_checkpoints!r}; expected one of "
                          f"{', '.join(schedule.LAYER_CHECKPOINTS)}")
     if int(rounds) < 0 or (int(rounds) == 0 and not offload):
         raise ValueError(f"plan_memory: rounds={rounds!r} with offload={offload}: rounds must be 0 or more, "
                          "and 0 (the fewest device bytes) needs offload")
+    if allocator not in ("auto", "cuda", "none"):
+        raise ValueError(f"plan_memory: allocator={allocator!r}; expected 'auto', 'cuda' or 'none'")
     if not 0.0 <= float(margin) < 0.5:
         raise ValueError(f"plan_memory: margin={margin!r}; expected a fraction of the budget in [0, 0.5)")
     budget = ctx.options.resolve_budget(_device_total(ctx))
@@ -98,6 +107,10 @@ def plan_memory(gm: torch.fx.GraphModule, ctx: PassContext, optimizer: str = "ad
     # Evidence: an H100 run planned to 12 GiB measured 3.8 MB above it with no reserve (docs/memory.md).
     static.workspace = int(workspace_reserve) if workspace_reserve >= 0 else \
         (CUDA_WORKSPACE_RESERVE if ctx.device.type == "cuda" else 0)
+    # the caching allocator gives parameters and optimizer state blocks larger than they are (87 MiB on
+    # r1-distill-qwen-1.5b with per-tensor int4 state: the planner's whole error on an H100, docs/memory.md)
+    if allocator == "cuda" or (allocator == "auto" and ctx.device.type == "cuda" and A.default_settings()):
+        static.block_slack = A.block_slack(static.resident_requests)
     already = any(n.meta.get("ufx") is not None and n.meta["ufx"].decision not in (None, "", "chunk")
                   for n in gm.graph.nodes)  # chunk_recompute's "chunk" marks are not a plan
     try:
@@ -126,7 +139,8 @@ def plan_memory(gm: torch.fx.GraphModule, ctx: PassContext, optimizer: str = "ad
     summary = plan.summary()
     lines = [f"predicted peak {format_bytes(tl.peak)} ({tl.peak_phase}, at {tl.peak_node})",
              f"static: parameters {format_bytes(static.parameters + static.buffers)}, gradients "
-             f"{format_bytes(static.gradients)}, optimizer state {format_bytes(static.optimizer_state)}",
+             f"{format_bytes(static.gradients)}, optimizer state {format_bytes(static.optimizer_state)}"
+             + (f", allocator block slack {format_bytes(static.block_slack)}" if static.block_slack else ""),
              f"saved activations {format_bytes(tl.saved_bytes)}"]
     if plan.offloaded_bytes:
         lines.append(f"offloaded to host {format_bytes(plan.offloaded_bytes)} (exposed transfer ~{plan.offload_s * 1e3:.3f} ms)")
@@ -142,7 +156,7 @@ def plan_memory(gm: torch.fx.GraphModule, ctx: PassContext, optimizer: str = "ad
         "offload": sum(1 for d in plan.decisions.values() if d == "offload"), "offloaded_bytes": plan.offloaded_bytes,
         "overhead_s": plan.overhead_s, "warnings": plan.warnings,
         "fuse_optimizer": static.fuse_optimizer, "fuse_group_bytes": static.fuse_group_bytes,
-        "inplace_grad_scale": static.inplace_grad_scale,
+        "inplace_grad_scale": static.inplace_grad_scale, "block_slack": static.block_slack,
     }
     if already and not plan.modified:
         stats["note"] = "plan already applied"

@@ -344,6 +344,7 @@ def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | t
     half the extrapolated activation floor fit, all layers are traced before deciding (a line is
     printed; minutes on a CPU for a 1.5B model), and ``BudgetCheck.notes`` says so.
     """
+    from unsloth_fx.memory import allocator as A
     from unsloth_fx.memory import model as M
     from unsloth_fx.memory.schedule import InfeasibleBudget
 
@@ -363,6 +364,10 @@ def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | t
     # plan_memory reserves the cuBLAS / cuBLASLt workspaces on CUDA (no graph node makes them): so does the check,
     # or a budget it accepts by less than that fails the compile
     ws = _workspace_reserve(model)
+    # and the caching allocator's block slack on parameters and optimizer state, as plan_memory counts it there
+    if ws and A.default_settings():
+        st.block_slack = A.block_slack(st.resident_requests)
+        ws += st.block_slack
     static_peak = st.parameters + st.buffers + st.gradients + st.optimizer_state + st.optimizer_temp + ws
     chk = BudgetCheck(budget, st.parameters + st.buffers, st.gradients, st.optimizer_state, st.optimizer_temp,
                       static_peak)
@@ -374,7 +379,8 @@ def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | t
     temp_name = "largest gradient + its fused update" if fuse_optimizer else "optimizer step temporaries"
     text = (f"parameters {format_bytes(chk.parameters)} + gradients {format_bytes(st.gradients)} + optimizer state "
             f"{format_bytes(st.optimizer_state)} ({st.optimizer}) + {temp_name} {format_bytes(st.optimizer_temp)}"
-            + (f" + CUDA library workspaces {format_bytes(ws)}" if ws else ""))
+            + (f" + CUDA library workspaces {format_bytes(ws - st.block_slack)}" if ws else "")
+            + (f" + allocator block slack {format_bytes(st.block_slack)}" if st.block_slack else ""))
     if budget is not None and static_peak > budget:
         smallest = int(math.ceil(static_peak / 2**20) * 2**20)
         hint = "" if fuse_optimizer else "; fusing the optimizer into backward (fuse_optimizer) would drop the gradients"
@@ -444,7 +450,9 @@ def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | t
             # at the peak: resident bytes + activations and the gradients alive then (all terms exact, summed)
             acts = min(act, act_min)
             terms = (f"parameters {format_bytes(chk.parameters)} + optimizer state {format_bytes(st.optimizer_state)} "
-                     f"({st.optimizer}) + " + (f"CUDA library workspaces {format_bytes(ws)} + " if ws else "")
+                     f"({st.optimizer}) + " + (f"CUDA library workspaces {format_bytes(ws - st.block_slack)} + "
+                                               if ws else "")
+                     + (f"allocator block slack {format_bytes(st.block_slack)} + " if st.block_slack else "")
                      + f"minimum activations and in-flight gradients {format_bytes(acts)}")
         else:
             acts = 0

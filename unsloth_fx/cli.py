@@ -94,7 +94,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
             decisions[d] = decisions.get(d, 0) + 1
     overhead = plan.overhead_s * est.scale if plan else 0.0
     step_s = (plan.step_s if plan else 0.0) * est.scale
-    static_total = st.parameters + st.buffers + st.gradients + st.optimizer_state + st.workspace
+    static_total = st.parameters + st.buffers + st.gradients + st.optimizer_state + st.workspace + st.block_slack
     gpu_short = max(est.feasible_min - GPU_80GB, 0)
     doc: dict[str, Any] = {
         "model": a.model, "batch": a.batch, "seq": a.seq, "dtype": a.dtype, "optimizer": spec,
@@ -104,7 +104,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
         "static": {"parameters": st.parameters + st.buffers, "gradients": st.gradients,
                    "optimizer_state": st.optimizer_state, "optimizer_state_by_tier": st.state_by_tier,
                    "optimizer_step_temp": st.optimizer_temp, "inputs": st.inputs, "workspace": st.workspace,
-                   "total": static_total},
+                   "block_slack": st.block_slack, "total": static_total},
         "peak_floor": _floor_terms(est),
         "activation_peak": est.activations, "minimum_activations": est.min_activations,
         "predicted_peak": est.base_peak, "smallest_feasible_budget": est.feasible_min,
@@ -145,6 +145,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
                                                    if a.fuse_optimizer else "temporaries in step())")))
         if st.workspace:
             print(f"  CUDA workspaces   {fb(st.workspace)} (cuBLAS / cuBLASLt, reserved as plan_memory does on a GPU)")
+        if st.block_slack:
+            print(f"  block slack       {fb(st.block_slack)} (caching allocator blocks beyond the parameters and state)")
         print(f"  static total      {fb(static_total)}")
         print(f"  activation peak   {fb(est.activations)} (minimum with recompute: {fb(est.min_activations)})"
               + ("  [extrapolated from traced layers " + str(est.traced) + "]" if est.extrapolated else ""))
@@ -198,6 +200,8 @@ def _floor_terms(est: Any) -> dict[str, int]:
     peak, or (when larger) the optimizer step's: parameters, gradients, state, temporaries."""
     st = est.static
     ws = {"CUDA library workspaces": st.workspace} if st.workspace else {}
+    if st.block_slack:
+        ws["allocator block slack"] = st.block_slack
     if est.min_peak > est.optimizer_peak:
         return {"parameters": st.parameters + st.buffers, "optimizer state": st.optimizer_state,
                 "inputs": st.inputs, **ws, "activations + in-flight gradients (minimum plan)": est.min_peak - st.resident,

@@ -80,6 +80,8 @@ class StatePolicy:
     min_quant_numel: int = 4096
     quantize_all: bool = False
     check_finite: bool = True
+    # HybridAdamW's state_arena: its state in one buffer per dtype (so the allocator model counts a few blocks)
+    state_arena: bool = True
 
     @property
     def key(self) -> str:
@@ -143,6 +145,12 @@ class Static:
     # CUDA library workspaces (cuBLAS/cuBLASLt) the caching allocator serves during the step;
     # set by plan_memory for CUDA graphs (its workspace_reserve option), 0 elsewhere
     workspace: int = 0
+    # bytes the CUDA caching allocator's blocks hold beyond the resident tensors' own (rounded to 512 B):
+    # set by plan_memory on CUDA from ``resident_requests`` (unsloth_fx.memory.allocator), 0 elsewhere
+    block_slack: int = 0
+    # the resident tensors' allocations in order (parameters and buffers, then optimizer state; one request
+    # for a state arena): what the allocator model replays
+    resident_requests: list[int] = field(default_factory=list)
     num_params: int = 0
     optimizer: str = "adamw"
     fuse_optimizer: bool = False
@@ -169,7 +177,7 @@ class Static:
     @property
     def resident(self) -> int:
         """Bytes alive during the whole step (before gradients appear)."""
-        return self.parameters + self.buffers + self.optimizer_state + self.inputs + self.workspace
+        return self.parameters + self.buffers + self.optimizer_state + self.inputs + self.workspace + self.block_slack
 
 
 def static_breakdown(
@@ -206,6 +214,8 @@ def static_breakdown(
                fuse_group_bytes=fuse_group_bytes)
     flat_rows = 0
     rows = list(params)
+    state_requests: list[int] = []
+    arena_items: list[tuple[str, int, int, float]] = []  # (tier, numel, hybrid_bits, hybrid_cap) of policy rows
     if layout is not None and layout and all(isinstance(k, str) and k.startswith("#") for k in layout):
         # an optimizer built from unnamed parameters: its k-th parameter is the k-th trainable row
         trainable = [r for r in rows if r[2] and not r[3]]
@@ -215,6 +225,7 @@ def static_breakdown(
         name = row[4] if len(row) > 4 else None
         shape = row[5] if len(row) > 5 else None
         nbytes = round_block(int(numel) * _itemsize(dtype))
+        s.resident_requests.append(nbytes)
         if is_buffer:
             s.buffers += nbytes
             continue
@@ -231,6 +242,7 @@ def static_breakdown(
                 raise ValueError(f"static_breakdown: parameter {name!r} is not held by the {key} instance "
                                  "(rows must carry the names the optimizer was given)")
             state = sum(round_block(b) for b in sizes)
+            state_requests.extend(sizes)
             temp = _hybrid_step_temp(tier, int(numel), dtype, sizes) if key == "HybridAdamW" else 0
         elif policy is not None and shape is not None:
             from unsloth_fx.optim import state_tensor_nbytes, tier_for
@@ -240,17 +252,30 @@ def static_breakdown(
             sizes = state_tensor_nbytes(tier, int(numel), hybrid_bits=policy.hybrid_bits,
                                         hybrid_cap=policy.hybrid_cap) + (4, 4)  # + step, nonfinite_skips
             state = sum(round_block(b) for b in sizes)
+            state_requests.extend(sizes)
+            arena_items.append((tier, int(numel), policy.hybrid_bits, policy.hybrid_cap))
             temp = _hybrid_step_temp(tier, int(numel), dtype, sizes, policy.check_finite)
         else:
             tier = key
             flat_rows += 1
             state = round_block(int(numel * OPTIMIZER_STATE[key]))
+            # torch's Adam/AdamW: two moments of the parameter's size (the flat bytes split in two)
+            state_requests.extend([state // 2] * 2 if key.startswith("adamw") else [state])
             s.optimizer_temp += round_block(int(numel * OPTIMIZER_STEP_TEMP[key]))
         s.optimizer_state += state
         s.state_by_tier[tier] = s.state_by_tier.get(tier, 0) + state
         if temp:
             s.step_temp[name or f"#{len(s.step_temp)}"] = temp
             s.optimizer_temp = max(s.optimizer_temp, temp)  # HybridAdamW steps one parameter at a time
+    # HybridAdamW(state_arena=True) allocates its state as one buffer per dtype, not one per tensor
+    if instance is not None and getattr(instance, "state_arena", False):
+        s.resident_requests += instance.state_arena_sizes()
+    elif instance is None and policy is not None and policy.state_arena and arena_items:
+        from unsloth_fx.optim import arena_sizes
+
+        s.resident_requests += arena_sizes(arena_items)
+    else:
+        s.resident_requests += state_requests
     if instance is not None:
         s.assumptions.append(f"optimizer state: the {key} instance's own layout (state it holds, or what its "
                              "first step allocates)")
@@ -742,8 +767,8 @@ class _Walker:
         self.step = 0
         self.cat_live: dict[str, int] = {"parameters": static.parameters + static.buffers,
                                          "optimizer": static.optimizer_state, "inputs": static.inputs}
-        if static.workspace:
-            self.cat_live["workspace"] = static.workspace
+        if static.workspace or static.block_slack:  # the allocator's own: library workspaces and block slack
+            self.cat_live["workspace"] = static.workspace + static.block_slack
         self.bytes: dict[Any, int] = {}  # live storage -> bytes
         self.cat: dict[Any, str] = {}
         self.alias: dict[str, Any] = {}  # backward placeholder name -> forward storage

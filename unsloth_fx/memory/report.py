@@ -35,7 +35,7 @@ def to_json(tl: Timeline, *, budget: int | None = None, feasible: bool = True, d
     doc = {
         "schema": SCHEMA, "budget": budget, "feasible": feasible, "predicted_peak": tl.peak,
         "peak": {"step": tl.peak_step, "node": tl.peak_node, "phase": tl.peak_phase, "by_category": tl.peak_by_category},
-        "static": asdict(tl.static), "saved_bytes": tl.saved_bytes, "decisions": decisions or {},
+        "static": {k: v for k, v in asdict(tl.static).items() if k != "resident_requests"}, "saved_bytes": tl.saved_bytes, "decisions": decisions or {},
         "summary": summary or {}, "warnings": tl.warnings, "truncated": len(tl.events) > max_events, "events": ev,
     }
     return json.dumps(doc, indent=1, default=str) + "\n"

@@ -366,8 +366,11 @@ def _breakdown(static: Static, minimum: Timeline) -> tuple[dict[str, int], str]:
           "optimizer_state": static.optimizer_state, "inputs": static.inputs, "minimum_activations": acts}
     if static.workspace:
         bd["workspace"] = static.workspace
+    if static.block_slack:
+        bd["block_slack"] = static.block_slack
     total = sum(bd.values())
     ws = f"CUDA library workspaces {format_bytes(static.workspace)} + " if static.workspace else ""
+    ws += f"allocator block slack {format_bytes(static.block_slack)} + " if static.block_slack else ""
     text = (f"parameters {format_bytes(bd['parameters'])} + gradients {format_bytes(bd['gradients'])} + "
             f"optimizer state {format_bytes(bd['optimizer_state'])} + inputs {format_bytes(bd['inputs'])} + "
             f"{ws}minimum activations {format_bytes(acts)} = {format_bytes(total)}")

@@ -42,6 +42,7 @@ from typing import Any, Callable
 import torch
 
 from unsloth_fx import _compat
+from unsloth_fx.memory import allocator as A
 from unsloth_fx.memory import model as M
 from unsloth_fx.memory import schedule as S
 from unsloth_fx.memory.trace import trace_model
@@ -305,6 +306,8 @@ def full_static(name: str, dtype, optimizer: Any, fuse: bool, batch: int, seq: i
     st = _set_lower(M.static_breakdown(rows, optimizer, fuse), lower)
     st.inputs = 2 * M.round_block(batch * seq * 8)  # input_ids + labels (int64)
     st.workspace = workspace
+    if workspace:  # planned for a GPU (as plan_memory on CUDA): the caching allocator's block slack too
+        st.block_slack = A.block_slack(st.resident_requests)
     return st, m.config
 
 
@@ -321,7 +324,8 @@ def estimate(name: str, *, batch: int = 1, seq: int = 2048, dtype=torch.bfloat16
     the LM head + CE only, the MLPs not chunked); ``lower``: the
     backend's lowering to model ("inductor": Inductor's decompositions and fusion, as plan_memory);
     ``overrides``: config overrides for the zoo model (e.g. ``num_hidden_layers``); ``workspace``: bytes
-    reserved for the CUDA library workspaces (``plan_memory.CUDA_WORKSPACE_RESERVE`` on a GPU, 0 on CPU),
+    reserved for the CUDA library workspaces (``plan_memory.CUDA_WORKSPACE_RESERVE`` on a GPU, 0 on CPU; when
+    not 0, the caching allocator's block slack on parameters and optimizer state is counted too),
     resident through the step."""
     with S.partition_cache():  # the variants' candidates and the plan share partitions of the same graph
         return _estimate(name, batch, seq, dtype, optimizer, fuse_optimizer, budget, full, dev, progress, chunks,
