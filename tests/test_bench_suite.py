@@ -243,7 +243,8 @@ def test_the_7b_variant_without_the_check_fixes_its_tier_and_chunks():
     assert rec["ufx"]["optimizer_policy"]["chosen"] == "int4/int4"
     pipe = rec["ufx"]["options"]["pipeline"]
     assert "split_token_chunks{chunks=16}" in pipe and "fuse_linear_cross_entropy{chunks=16}" in pipe, pipe
-    assert "plan_memory{optimizer=int4/int4,layer_checkpoints=first}" in pipe, pipe  # pinned rounds first
+    # pinned rounds first; 0.2% under the budget for the model's residual error (docs/memory.md, fourteenth session)
+    assert "plan_memory{optimizer=int4/int4,layer_checkpoints=first,margin=0.002}" in pipe, pipe
     assert rec["ufx"]["options"]["memory_budget"] == "64MiB"  # smoke: the tiny model's budget, still planned
 
 
