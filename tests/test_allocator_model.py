@@ -134,3 +134,25 @@ def test_the_model_matches_the_cuda_caching_allocator():
     env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert int(out.stdout.split()[-1]) == sum(A.blocks(sizes)), (out.stdout, sum(A.blocks(sizes)))
+
+
+def test_resident_slack_script_counts_the_tensors_it_allocates(monkeypatch):
+    # benchmarks/resident_slack.py on a CPU, its CUDA counters faked: the bytes it calls the tensors' own are the
+    # model's static bytes, and with the arena the state's buffers are the ones the optimizer holds
+    import importlib.util
+
+    import unsloth_fx.zoo as zoo
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "resident_slack.py")
+    spec = importlib.util.spec_from_file_location("resident_slack", path)
+    rs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rs)
+    real = zoo.build_model
+    monkeypatch.setattr(zoo, "build_model", lambda name, device, dtype: real("tiny-qwen2", device="cpu", dtype=dtype))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "cpu")
+    arena, per_tensor = rs.measure("x", "int4/int4", True), rs.measure("x", "int4/int4", False)
+    params = sum(p.numel() * 2 for p in real("tiny-qwen2", device="meta", dtype=torch.bfloat16).parameters())
+    assert arena["own_bytes"] == per_tensor["own_bytes"] > params + arena["state_bytes"]  # + counters, 512 B blocks
+    assert arena["arena_bytes"] >= arena["state_bytes"] > 0 and per_tensor["arena_bytes"] == 0
