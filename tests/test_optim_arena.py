@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from unsloth_fx.optim import ARENA_ALIGN, HybridAdamW
+
+ALIGN = 256  # the specification (the planner's allocator model and Triton's vector loads rely on it)
 from unsloth_fx.zoo import build_model
 
 # (name, shape): an embedding (high_precision_tier), two matrices of one tier (a multi-tensor
@@ -83,7 +85,7 @@ def _assert_one_arena(opt):
     for dtype, group in by_dtype.items():
         assert len(_storages(group)) == 1, f"{dtype}: {len(_storages(group))} storages"
         spans = sorted((t.storage_offset() * t.element_size(), t.nbytes) for t in group)
-        assert all(start % ARENA_ALIGN == 0 for start, _ in spans), dtype
+        assert ARENA_ALIGN == ALIGN and all(start % ALIGN == 0 for start, _ in spans), dtype
         assert all(s0 + n0 <= s1 for (s0, n0), (s1, _) in zip(spans, spans[1:])), f"{dtype}: overlapping"
     assert len(_storages(ts)) == len(by_dtype)  # no two dtypes share a storage
     nbytes = sum(g[0].untyped_storage().nbytes() for g in by_dtype.values())
