@@ -43,8 +43,9 @@ state, every trainable parameter gets its state at once, as 256-byte aligned
 views into one buffer per device and dtype (see :class:`_StateArena`). Many small
 per-tensor allocations would each be rounded up by the CUDA caching allocator
 (a cached block is handed out whole when less than 1 MiB would remain; requests
-up to 10 MiB carve 20 MiB segments): measured 85 MiB of slack on 1.8 GiB of
-int4 state. A handful of large allocations (one per state dtype: ``torch.save``
+up to 10 MiB carve 20 MiB segments): on an H100, r1-distill-qwen-1.5b's 1.8 GiB of
+int4 state held about 85 MiB of such slack (the planner's error, matched block by
+block in docs/memory.md, "Fourteenth session"). A handful of large allocations (one per state dtype: ``torch.save``
 cannot write one storage viewed as several dtypes) lose only their rounding.
 """
 
