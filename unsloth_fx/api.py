@@ -367,8 +367,8 @@ def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | t
     # and the caching allocator's block slack on parameters and optimizer state, as plan_memory counts it there
     if ws and A.default_settings():
         st.block_slack = A.block_slack(st.resident_requests)
-        ws += st.block_slack
-    static_peak = st.parameters + st.buffers + st.gradients + st.optimizer_state + st.optimizer_temp + ws
+    static_peak = (st.parameters + st.buffers + st.gradients + st.optimizer_state + st.optimizer_temp + ws
+                   + st.block_slack)
     chk = BudgetCheck(budget, st.parameters + st.buffers, st.gradients, st.optimizer_state, st.optimizer_temp,
                       static_peak)
     chk.optimizer, chk.state_by_tier, chk.assumptions = st.optimizer, dict(st.state_by_tier), list(st.assumptions)
@@ -379,7 +379,7 @@ def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | t
     temp_name = "largest gradient + its fused update" if fuse_optimizer else "optimizer step temporaries"
     text = (f"parameters {format_bytes(chk.parameters)} + gradients {format_bytes(st.gradients)} + optimizer state "
             f"{format_bytes(st.optimizer_state)} ({st.optimizer}) + {temp_name} {format_bytes(st.optimizer_temp)}"
-            + (f" + CUDA library workspaces {format_bytes(ws - st.block_slack)}" if ws else "")
+            + (f" + CUDA library workspaces {format_bytes(ws)}" if ws else "")
             + (f" + allocator block slack {format_bytes(st.block_slack)}" if st.block_slack else ""))
     if budget is not None and static_peak > budget:
         smallest = int(math.ceil(static_peak / 2**20) * 2**20)
@@ -403,7 +403,7 @@ def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | t
     # the floor's own static bytes only set its resident baseline: count it with the spec
     fk = dict(optimizer=key, fuse=fuse_optimizer, chunks=chunks, cache=_cache if _cache is not None else {},
               notes=chk.notes, lower=lower, offload=offload, chunk_mlp=chunk_mlp)
-    resident = st.parameters + st.buffers + st.optimizer_state + ws
+    resident = st.parameters + st.buffers + st.optimizer_state + ws + st.block_slack
     opt_peak = resident + st.gradients + st.optimizer_temp
 
     def whole() -> tuple[int, int]:
@@ -450,8 +450,7 @@ def check_budget(model: torch.nn.Module, target_vram: Any, *, optimizer: str | t
             # at the peak: resident bytes + activations and the gradients alive then (all terms exact, summed)
             acts = min(act, act_min)
             terms = (f"parameters {format_bytes(chk.parameters)} + optimizer state {format_bytes(st.optimizer_state)} "
-                     f"({st.optimizer}) + " + (f"CUDA library workspaces {format_bytes(ws - st.block_slack)} + "
-                                               if ws else "")
+                     f"({st.optimizer}) + " + (f"CUDA library workspaces {format_bytes(ws)} + " if ws else "")
                      + (f"allocator block slack {format_bytes(st.block_slack)} + " if st.block_slack else "")
                      + f"minimum activations and in-flight gradients {format_bytes(acts)}")
         else:

@@ -78,7 +78,6 @@ def block_slack(requests: Iterable[int]) -> int:
 def default_settings() -> bool:
     """Whether ``PYTORCH_CUDA_ALLOC_CONF`` leaves the sizing rules this module models as they are."""
     conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + "," + os.environ.get("PYTORCH_ALLOC_CONF", "")
-    keys = {kv.split(":", 1)[0].strip() for kv in conf.split(",") if ":" in kv}
-    on = {kv.split(":", 1)[0].strip() for kv in conf.split(",")
-          if ":" in kv and kv.split(":", 1)[1].strip().lower() not in ("false", "0")}
-    return not (("expandable_segments" in on) or keys & {"roundup_power2_divisions", "max_split_size_mb"})
+    settings = dict((k.strip(), v.strip().lower()) for k, _, v in (kv.partition(":") for kv in conf.split(",")) if v)
+    expandable = settings.get("expandable_segments", "false") not in ("false", "0")
+    return not (expandable or settings.keys() & {"roundup_power2_divisions", "max_split_size_mb"})
