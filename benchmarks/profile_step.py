@@ -2,16 +2,19 @@
 
     python benchmarks/profile_step.py --variant ufx --budget 24GiB --out prof_ufx.txt
     python benchmarks/profile_step.py --variant compile-bf16 --out prof_stock.txt
+    python benchmarks/profile_step.py --variant compile-amp --out prof_amp.txt  # the suite's stock AMP
     python benchmarks/profile_step.py --model deepseek-v3-mini --variant chunked --optimizer none
 
 ``unchunked`` / ``chunked``: the backend with ``benchmarks/bench_chunk.py``'s pipeline of that name
 (``--chunks``), the same step that benchmark times.
 
 ``ufx``: ``unsloth_fx.apply_optimizations`` (HybridAdamW, the budget's plan); ``compile-bf16``:
-stock ``torch.compile`` with bf16 weights and ``torch.optim.AdamW(fused=True)``. Random token ids,
+stock ``torch.compile`` with bf16 weights and ``torch.optim.AdamW(fused=True)``; ``compile-amp``: the
+same with fp32 weights under bf16 autocast (the suite's ``compile-amp``). Random token ids,
 batch 1. After ``--warmup`` steps (the first compiles), ``--steps`` steps run under the profiler;
 the report gives wall time per step, the summed CUDA kernel time per step, the number of kernel
-launches per step, and the top kernels. GPU only (the profile of a CPU run says nothing useful).
+launches per step, the kernel time per category (:func:`kernel_category`: matmul, attention,
+Inductor's Triton kernels, the optimizer's, copies, other), and the top kernels. GPU only (the profile of a CPU run says nothing useful).
 """
 
 from __future__ import annotations
@@ -20,10 +23,28 @@ import argparse
 import time
 
 
+_CATEGORIES = (  # (category, substrings of a CUDA kernel's name), first match wins
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "splitkreduce")),
+    ("optimizer", ("adam", "hybrid", "bookkeep", "multi_tensor")),
+    ("triton", ("triton_",)),  # before copy: Inductor names fused kernels after their ops (``..._to_copy_...``)
+    ("copy", ("memcpy", "memset", "copy_")),
+)
+
+
+def kernel_category(name: str) -> str:
+    """The category of a CUDA kernel by its name: attention, matmul, optimizer, copy, triton or other."""
+    low = name.lower()
+    for cat, keys in _CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="r1-distill-qwen-1.5b")
-    ap.add_argument("--variant", choices=("ufx", "compile-bf16", "unchunked", "chunked"), default="ufx")
+    ap.add_argument("--variant", choices=("ufx", "compile-bf16", "compile-amp", "unchunked", "chunked"), default="ufx")
     ap.add_argument("--chunks", type=int, default=8, help="for the chunked variant")
     ap.add_argument("--optimizer", choices=("adamw", "none"), default="adamw",
                     help="none: forward + backward only, as bench_chunk.py times (not for ufx)")
@@ -43,14 +64,15 @@ def main() -> int:
     from unsloth_fx.zoo import build_model
 
     torch.manual_seed(0)
-    model = build_model(a.model, device="cuda", dtype=torch.bfloat16)
+    amp = a.variant == "compile-amp"
+    model = build_model(a.model, device="cuda", dtype=torch.float32 if amp else torch.bfloat16)
     model.train()
     if a.variant == "ufx":
         from unsloth_fx.api import apply_optimizations
 
         f, opt = apply_optimizations(model, target_vram=a.budget, optimizer="hybrid_adam", lr=1e-5,
                                      seq_len=a.seq, batch_size=1)
-    elif a.variant == "compile-bf16":
+    elif a.variant in ("compile-bf16", "compile-amp"):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
         f = torch.compile(model)
     else:
@@ -72,7 +94,8 @@ def main() -> int:
     ids = torch.randint(0, model.config.vocab_size, (1, a.seq), device="cuda")
 
     def step():
-        loss = f(input_ids=ids, labels=ids, use_cache=False).loss
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            loss = f(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         if opt is None:
             for p in model.parameters():
@@ -109,6 +132,15 @@ def main() -> int:
     lines = [f"{a.model} {a.variant} budget={a.budget if a.variant == 'ufx' else '-'} seq={a.seq}: "
              f"wall {wall * 1e3:.1f} ms/step (unprofiled), CUDA kernel time {cuda_us / 1e3 / a.steps:.1f} ms/step, "
              f"{len(kern) // a.steps} kernels/step, peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"]
+    cats: dict[str, list[float]] = {}
+    for e in prof.key_averages():
+        if e.device_type.name == "CUDA":
+            c = cats.setdefault(kernel_category(e.key), [0.0, 0])
+            c[0] += e.device_time_total
+            c[1] += e.count
+    lines.append("kernel time per step by category: " + ", ".join(
+        f"{k} {us / 1e3 / a.steps:.1f} ms ({n // a.steps} launches)" for k, (us, n) in
+        sorted(cats.items(), key=lambda kv: -kv[1][0])))
     lines.append(prof.key_averages().table(sort_by="device_time_total", row_limit=a.top, max_name_column_width=70))
     lines.append(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=70))
     del events
