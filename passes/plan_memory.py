@@ -142,6 +142,9 @@ def plan_memory(gm: torch.fx.GraphModule, ctx: PassContext, optimizer: str = "ad
              f"{format_bytes(static.gradients)}, optimizer state {format_bytes(static.optimizer_state)}"
              + (f", allocator block slack {format_bytes(static.block_slack)}" if static.block_slack else ""),
              f"saved activations {format_bytes(tl.saved_bytes)}"]
+    if plan.recompute_flops:
+        lines.append(f"recompute adds {plan.recompute_flops / 1e12:.3g} TFLOP of matmul and attention to the step's "
+                     f"{plan.step_flops / 1e12:.3g} ({plan.recompute_flops / max(plan.step_flops, 1.0):.1%})")
     if plan.offloaded_bytes:
         lines.append(f"offloaded to host {format_bytes(plan.offloaded_bytes)} (exposed transfer ~{plan.offload_s * 1e3:.3f} ms)")
     if budget is not None:
@@ -155,6 +158,7 @@ def plan_memory(gm: torch.fx.GraphModule, ctx: PassContext, optimizer: str = "ad
         "recompute": sum(1 for d in plan.decisions.values() if d == "recompute"),
         "offload": sum(1 for d in plan.decisions.values() if d == "offload"), "offloaded_bytes": plan.offloaded_bytes,
         "overhead_s": plan.overhead_s, "warnings": plan.warnings,
+        "step_flops": plan.step_flops, "recompute_flops": plan.recompute_flops,
         "fuse_optimizer": static.fuse_optimizer, "fuse_group_bytes": static.fuse_group_bytes,
         "inplace_grad_scale": static.inplace_grad_scale, "block_slack": static.block_slack,
     }

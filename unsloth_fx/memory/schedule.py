@@ -95,6 +95,8 @@ class Plan:
     offload_s: float = 0.0  # estimated exposed (not hidden by compute) transfer seconds
     device_model: DeviceModel | None = None
     step_s: float = 0.0  # estimated seconds of the step's compute
+    step_flops: float = 0.0  # the joint graph's matmul + attention FLOPs (node_flops), before any recompute
+    recompute_flops: float = 0.0  # the FLOPs the plan's recomputes add to a step
     rounds: int = 0
     unavailable: dict[str, str] = field(default_factory=lambda: dict(UNAVAILABLE))
     warnings: list[str] = field(default_factory=list)
@@ -108,6 +110,7 @@ class Plan:
             "predicted_peak": self.timeline.peak, "baseline_peak": self.baseline.peak,
             "saved_bytes": self.timeline.saved_bytes, "decisions": counts,
             "overhead_s": self.overhead_s, "step_s": self.step_s, "rounds": self.rounds,
+            "step_flops": self.step_flops, "recompute_flops": self.recompute_flops,
             "offloaded_bytes": self.offloaded_bytes, "offload_s": self.offload_s,
             "unavailable": self.unavailable, "warnings": self.warnings,
         }
@@ -118,34 +121,44 @@ UNAVAILABLE = {
 }
 
 
+def node_flops(node: torch.fx.Node, dev: DeviceModel) -> float:
+    """The FLOPs :func:`node_seconds` charges ``node``: 2 x output x inner size for matmuls, 4 x queries x keys
+    for attention (causal or not), the fused LM head + CE's matmuls (``dev.lm_head_flops``); 0 for the rest."""
+    val = node.meta.get("val")
+    name = getattr(node.target, "__name__", str(node.target))
+    shapes = [a.meta.get("val") for a in node.all_input_nodes]
+    shapes = [s for s in shapes if isinstance(s, torch.Tensor)]
+    out = val[0] if isinstance(val, (tuple, list)) and val else val
+    if not (isinstance(out, torch.Tensor) and shapes):
+        return 0.0
+    if name.startswith(("mm", "addmm", "bmm", "baddbmm", "_grouped_mm")):
+        a = shapes[1] if name.startswith(("addmm", "baddbmm")) and len(shapes) > 1 else shapes[0]
+        k = a.shape[-1] if a.dim() else 1
+        return 2.0 * _hint(out.numel()) * _hint(k)
+    if "attention" in name:
+        q, kk = shapes[0], shapes[1]
+        return 4.0 * _hint(q.numel()) * _hint(kk.shape[-2])
+    if name.startswith("linear_cross_entropy") and len(shapes) >= 2 and dev.lm_head_flops:
+        # the fused LM head + CE (runtime/linear_cross_entropy.py): logits h @ W.T, and with compute_grad
+        # also g @ W and g.T @ h, each 2 * tokens * vocab * hidden. Without this it was costed at its bytes
+        # (0.24 ms for the 1.5B at seq 2048, against ~2.9 TFLOP) and the plans recomputed it in backward.
+        grad = lce_options(node)["compute_grad"]
+        return (6.0 if grad else 2.0) * _hint(shapes[0].numel()) * _hint(shapes[1].shape[0])
+    return 0.0
+
+
 def node_seconds(node: torch.fx.Node, dev: DeviceModel) -> float:
     """Estimated seconds to run ``node`` once: max(FLOPs / rate, bytes moved / bandwidth). Views are charged
     their input and output bytes too, though they move nothing (docs/memory.md: making them free changed
     the minimum plans enough to break the layer extrapolation's 2% agreement; not adopted)."""
     val = node.meta.get("val")
-    name = getattr(node.target, "__name__", str(node.target))
-    flops = 0.0
     shapes = [a.meta.get("val") for a in node.all_input_nodes]
     shapes = [s for s in shapes if isinstance(s, torch.Tensor)]
     out = val[0] if isinstance(val, (tuple, list)) and val else val
-    if isinstance(out, torch.Tensor) and shapes:
-        if name.startswith(("mm", "addmm", "bmm", "baddbmm", "_grouped_mm")):
-            a = shapes[1] if name.startswith(("addmm", "baddbmm")) and len(shapes) > 1 else shapes[0]
-            k = a.shape[-1] if a.dim() else 1
-            flops = 2.0 * _hint(out.numel()) * _hint(k)
-        elif "attention" in name:
-            q, kk = shapes[0], shapes[1]
-            flops = 4.0 * _hint(q.numel()) * _hint(kk.shape[-2])
-        elif name.startswith("linear_cross_entropy") and len(shapes) >= 2 and dev.lm_head_flops:
-            # the fused LM head + CE (runtime/linear_cross_entropy.py): logits h @ W.T, and with compute_grad
-            # also g @ W and g.T @ h, each 2 * tokens * vocab * hidden. Without this it was costed at its bytes
-            # (0.24 ms for the 1.5B at seq 2048, against ~2.9 TFLOP) and the plans recomputed it in backward.
-            grad = lce_options(node)["compute_grad"]
-            flops = (6.0 if grad else 2.0) * _hint(shapes[0].numel()) * _hint(shapes[1].shape[0])
     moved = sum(_hint(storage_size(s).nbytes) for s in shapes)
     if isinstance(out, torch.Tensor):
         moved += _hint(storage_size(out).nbytes)
-    return max(flops / dev.flops_per_s, moved / dev.mem_bytes_per_s)
+    return max(node_flops(node, dev) / dev.flops_per_s, moved / dev.mem_bytes_per_s)
 
 
 def _hint(x: Any) -> float:
@@ -606,6 +619,11 @@ def step_seconds(joint: torch.fx.GraphModule, dev: DeviceModel) -> float:
     return sum(node_seconds(n, dev) for n in joint.graph.nodes if n.op == "call_function")
 
 
+def step_flops(joint: torch.fx.GraphModule, dev: DeviceModel) -> float:
+    """The matmul and attention FLOPs of the whole joint graph (forward + backward), by :func:`node_flops`."""
+    return sum(node_flops(n, dev) for n in joint.graph.nodes if n.op == "call_function")
+
+
 LAYER_CHECKPOINTS = ("fallback", "first", "off")
 
 
@@ -625,7 +643,8 @@ def plan(joint: torch.fx.GraphModule, num_fwd_outputs: int, static: Static, budg
         raise ValueError(f"layer_checkpoints={layer_checkpoints!r}: expected one of {', '.join(LAYER_CHECKPOINTS)}")
     dev = dev or DeviceModel()
     base = predict_base(joint, num_fwd_outputs, static)
-    p = Plan(budget, True, False, base, base, step_s=step_seconds(joint, dev), warnings=list(base.warnings),
+    p = Plan(budget, True, False, base, base, step_s=step_seconds(joint, dev), step_flops=step_flops(joint, dev),
+             warnings=list(base.warnings),
              device_model=dev)
     if force_offload and (budget is None or base.peak <= budget):
         dec = {k: v for k, v in (solve(joint, num_fwd_outputs, 2**62, dev, force_offload=force_offload) or {}).items()
@@ -733,5 +752,6 @@ def _finish(p: Plan, joint: torch.fx.GraphModule, dec: dict[str, str], tl: Timel
     p.offload_s = max(exposed, 0.0) + dev.offload_overhead_s * len(done)
     p.offloaded_bytes = sum(nbytes.values())
     p.overhead_s = sum(node_seconds(names[k], dev) for k, v in dec.items() if v == "recompute") + p.offload_s
+    p.recompute_flops = sum(node_flops(names[k], dev) for k, v in dec.items() if v == "recompute")
     p.warnings = sorted(set(p.warnings) | set(tl.warnings))
     return p
