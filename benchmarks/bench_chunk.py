@@ -6,6 +6,7 @@ GPU (the lead runs this)::
     # r1-distill-qwen-1.5b, bf16, batch 1, seq 2048 and 8192; variants:
     #   unchunked  the default pipeline
     #   lm_head    only the LM head + cross-entropy chunked (fuse_linear_cross_entropy; no MLP split, no recompute)
+    #   lm_head_rows  lm_head with the op's Triton row kernels (UNSLOTH_FX_LCE_KERNEL=triton, runtime/ce_rows.py)
     #   chunked    lm_head + split_token_chunks + chunk_recompute (MLPs / MoE blocks recomputed chunk by chunk)
     #   liger      liger_kernel's fused linear CE (Qwen2 models, if it imports)
     # then the largest sequence that fits in --fit-limit (default 16GiB) for each variant.
@@ -28,7 +29,7 @@ Step = 3 x forward (backward = 2 x forward); forward = 2 x tokens x matmul param
 (batch x seq^2 x heads x (d_qk + d_v) per layer). Recomputed per MLP region: its matmuls except the
 dense/shared down projection, whose output the backward does not need (gate + up; for MoE blocks also
 the router and the routed experts' down projection, whose output the routing-weight gradient reads).
-The lm_head variant recomputes nothing (the fused op computes its gradients in the forward): floor 0.
+The lm_head variants recompute nothing (the fused op computes its gradients in the forward): floor 0.
 The table prints each variant's slowdown vs unchunked next to its floor; the difference is overhead
 beyond the recompute (smaller matmuls, extra kernels).
 
@@ -54,11 +55,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _lock import parallel_map, timed_section  # noqa: E402
 
-VARIANTS = ("unchunked", "lm_head", "chunked", "liger")
+VARIANTS = ("unchunked", "lm_head", "lm_head_rows", "chunked", "liger")
 
 
 def _pipeline(variant: str, chunks: int) -> str:
-    if variant == "lm_head":
+    if variant in ("lm_head", "lm_head_rows"):
         return f"default,+fuse_linear_cross_entropy{{chunks={chunks}}}"
     if variant == "chunked":
         return (f"default,+split_token_chunks{{chunks={chunks}}},+fuse_linear_cross_entropy{{chunks={chunks}}},"
@@ -68,6 +69,8 @@ def _pipeline(variant: str, chunks: int) -> str:
 
 def child(a: argparse.Namespace) -> dict:
     """One variant at one sequence length; returns a JSON-able dict."""
+    if a.variant == "lm_head_rows":  # read by the op (and the planner) when they run: set before the first step
+        os.environ["UNSLOTH_FX_LCE_KERNEL"] = "triton"
     import torch
 
     from unsloth_fx.runtime.linear_cross_entropy import patch_causal_lm
@@ -85,7 +88,7 @@ def child(a: argparse.Namespace) -> dict:
 
         apply_liger_kernel_to_qwen2(rope=False, rms_norm=False, swiglu=False, cross_entropy=False,
                                     fused_linear_cross_entropy=True, model=model)
-    if a.variant in ("chunked", "lm_head", "liger"):
+    if a.variant in ("chunked", "lm_head", "lm_head_rows", "liger"):
         patch_causal_lm(model)  # drops logits in training, the same way for both fused variants
     opts = {"lower": a.lower, "pipeline": _pipeline(a.variant, a.chunks)}
     step_model = torch.compile(model, backend="unsloth", options=opts)
@@ -252,6 +255,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--fit-limit", default="16GiB", help="memory for the largest-sequence search; 0 skips it")
+    ap.add_argument("--fit-variants", default="", help="variants searched for the largest fit (default: all measured)")
     ap.add_argument("--fit-step", type=int, default=1024)
     ap.add_argument("--fit-max", type=int, default=131072)
     ap.add_argument("--timeout", type=int, default=1800)
@@ -291,6 +295,11 @@ def main() -> None:
     fits: dict[str, dict] = {}
     if limit:
         vs = variants_for(a.model)
+        if a.fit_variants:
+            unknown = set(a.fit_variants.split(",")) - set(vs)
+            if unknown:
+                raise SystemExit(f"--fit-variants {','.join(sorted(unknown))}: not among the variants run ({','.join(vs)})")
+            vs = [v for v in vs if v in a.fit_variants.split(",")]
         starts = {v: _line_fit(a, rows, v, a.model, limit) for v in vs}
         found = parallel_map(lambda v: largest_fit(a, v, limit, starts[v]), vs, a.jobs)
         fits = {v: {"seq": f[0], "probes": f[1], "predicted": starts[v]} for v, f in zip(vs, found)}

@@ -10,9 +10,10 @@
 #                                           # (TRIO="compile-amp ufx-7GiB" picks the variants, SNAPSHOT=0 drops it)
 #   bash benchmarks/gpu_session.sh prof     # profile_step.py: the product path at 7 GiB and stock compile AMP, seq 2048,
 #                                           # kernel time by category (PROF_AMP_DELAY=s starts AMP's that much later)
-#   bash benchmarks/gpu_session.sh chunk    # bench_chunk.py: 1.5B, seq 2048 and 8192, unchunked / LM head only /
-#                                           # chunked / Liger (wheels in .whl/, if carried), then the largest seq in
-#                                           # 16 GiB each (CHUNK_JOBS cells compile at once, default 2)
+#   bash benchmarks/gpu_session.sh chunk    # bench_chunk.py: 1.5B, seq 2048 and 8192, unchunked / LM head only
+#                                           # (torch and Triton row kernels) / chunked / Liger (wheels in .whl/, if
+#                                           # carried), then the largest seq in 16 GiB of FIT_VARIANTS (default
+#                                           # unchunked,chunked); CHUNK_JOBS cells compile at once (default 2)
 #
 # Several names run in order. Results go to $OUT (default ./gpu_out): each suite's JSON, the snapshot, the logs.
 # The package is installed in place without dependencies first (the machine has torch, triton, transformers);
@@ -69,7 +70,7 @@ for part in "$@"; do
            "$R"/.whl/*.whl && export PYTHONPATH=/tmp/site
        fi
        python3 "$R/benchmarks/bench_chunk.py" --jobs "${CHUNK_JOBS:-2}" --timeout 300 --out "$OUT/bench_chunk.json" \
-         > "$OUT/log_chunk.txt" 2>&1)
+         --fit-variants "${FIT_VARIANTS:-unchunked,chunked}" > "$OUT/log_chunk.txt" 2>&1)
       tail -16 "$OUT/log_chunk.txt" ;;
     *) echo "unknown part '$part' (checks, 7b, trio, prof, chunk)"; exit 2 ;;
   esac

@@ -71,6 +71,8 @@ from typing import Any
 
 import torch
 
+from . import ce_rows
+
 _REDUCTIONS = ("mean", "sum")
 GRAD_WEIGHT_ACCUM = ("fp32", "weight_dtype")
 _BLOCK = 512  # CUDA caching allocator rounding (bytes), as unsloth_fx.memory.model.BLOCK
@@ -117,7 +119,7 @@ def _blocks(nbytes: int) -> int:
 
 
 def workspace_bytes(tokens: int, vocab: int, hidden: int, dtype: torch.dtype, chunks: int, chunk_size: int = 0,
-                    compute_grad: bool = True, grad_weight_accum: str = "fp32") -> int:
+                    compute_grad: bool = True, grad_weight_accum: str = "fp32", rows_kernel: bool | None = None) -> int:
     """Peak bytes the op holds while it runs, beyond its inputs, *including its outputs* as they
     are built (they are allocated inside the op); each buffer rounded to 512-byte blocks as the
     CUDA caching allocator does. From :func:`_forward_impl`, for ``c`` = :func:`chunk_tokens`
@@ -131,13 +133,18 @@ def workspace_bytes(tokens: int, vocab: int, hidden: int, dtype: torch.dtype, ch
       (one fp32 buffer when ``s == 4``), and, in ``"fp32"`` mode with ``s < 4``, the gradient
       logits ``c x V x s`` + that chunk's ``g.T @ h`` product ``V x H x s`` being added;
     - at the end in ``"fp32"`` mode with ``s < 4``: the fp32 buffer plus its cast ``V x H x s``.
+
+    ``rows_kernel`` (None: :func:`ce_rows.requested`, the ``UNSLOTH_FX_LCE_KERNEL`` switch the op reads): the
+    Triton row kernels replace the fp32 exponentials by two fp32 ``[c]`` row statistics.
     """
+    if rows_kernel is None:
+        rows_kernel = ce_rows.requested()
     s = torch.empty((), dtype=dtype, device="meta").element_size()
     c = min(chunk_tokens(tokens, chunks, chunk_size), max(tokens, 1))
     fixed = 5 * _blocks(tokens * 8) + 8 * _BLOCK
     if tokens == 0:
         return fixed
-    exps = _blocks(c * vocab * s) + (0 if s == 4 else _blocks(c * vocab * 4))
+    exps = _blocks(c * vocab * s) + (2 * _blocks(c * 4) if rows_kernel else 0 if s == 4 else _blocks(c * vocab * 4))
     if not compute_grad:
         return fixed + exps
     split = s < 4 and grad_weight_accum == "fp32"
@@ -197,12 +204,24 @@ def _forward_impl(
         grad_w = torch.zeros(weight.shape, dtype=weight.dtype if in_place else torch.float32, device=weight.device)
     wt = weight.t()
     step = chunk_tokens(T, chunks, chunk_size)
+    rows_kernel = ce_rows.wanted(h2)
     for s in range(0, T, step):
         e = min(s + step, T)
         hc, tc = h2[s:e], tgt[s:e]
         x = torch.mm(hc, wt)  # HF: lm_head in the weight dtype, then .float()
-        m = x.amax(1, keepdim=True)
         target_logit[s:e, None] = x.gather(1, tc)  # copy_ upcasts exactly
+        if rows_kernel:  # the same arithmetic in two Triton row kernels, no fp32 [c, V] buffer (runtime/ce_rows.py)
+            m, sums = ce_rows.row_stats(x, lse[s:e])
+            if compute_grad:
+                g = ce_rows.row_grad_(x, tc, m, sums, coef[s:e])
+                torch.mm(g, weight, out=grad_h[s:e])
+                if in_place:
+                    grad_w.addmm_(g.t(), hc)
+                else:
+                    grad_w.add_(torch.mm(g.t(), hc))
+            x = g = None  # g is x: both names go before the next chunk's logits are made
+            continue
+        m = x.amax(1, keepdim=True)
         m = m.float().masked_fill_(m.isinf(), 0.0)  # as torch.logsumexp: an infinite max shifts by 0
         ex = x.sub_(m) if fp32_weight else torch.sub(x, m)  # fp32 either way
         ex.exp_()

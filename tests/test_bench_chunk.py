@@ -26,7 +26,7 @@ def test_flop_floor_by_hand_for_tiny_qwen2(bc):
     assert f["step_flops"] == 3 * (2 * 16 * 106496 + 65536) == 10420224
     assert f["recompute_flops"] == 2 * 16 * 32768
     assert f["ratio"] == pytest.approx(1048576 / 10420224)
-    for v in ("unchunked", "lm_head", "liger"):
+    for v in ("unchunked", "lm_head", "lm_head_rows", "liger"):
         assert bc.flop_floor("tiny-qwen2", 1, 16, v)["recompute_flops"] == 0
 
 
@@ -88,7 +88,7 @@ def test_smoke_runs_every_variant_on_dense_and_moe_models(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     got = {(r["model"], r["variant"], r["seq"]) for r in rows if "error" not in r}
-    want = {(m, v, s) for m in ("tiny-qwen2", "tiny-deepseek-v3") for v in ("unchunked", "lm_head", "chunked")
+    want = {(m, v, s) for m in ("tiny-qwen2", "tiny-deepseek-v3") for v in ("unchunked", "lm_head", "lm_head_rows", "chunked")
             for s in (64,)}
     assert want <= got, [r for r in rows if "error" in r]
     floors = {(r["model"], r["variant"]): r["flops"]["ratio"] for r in rows if r["seq"] == 64}
