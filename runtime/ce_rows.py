@@ -31,15 +31,7 @@ import os
 import torch
 from torch import Tensor
 
-try:  # triton is optional on CPU-only installs
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except Exception:  # pragma: no cover - exercised only without triton
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from .adamw import HAS_TRITON, tl, triton  # triton is optional on CPU-only installs (None there)
 
 ENV = "UNSLOTH_FX_LCE_KERNEL"
 BLOCK = 4096  # logits per program iteration (a row of 151,936 takes 38)
