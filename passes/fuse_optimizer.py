@@ -227,7 +227,7 @@ def fuse_optimizer(gm: torch.fx.GraphModule, ctx: PassContext, group_bytes: int 
 
     op, gop = _op(), _group_op()
     already = {p for n in graph.nodes for p, _, _ in update_members(n)}
-    candidates, skipped = [], {}
+    candidates, skipped, wanted = [], {}, []
     for i, info in sorted(ctx.params.items()):
         if info.is_buffer or not info.requires_grad or i >= len(primals):
             continue
@@ -236,7 +236,8 @@ def fuse_optimizer(gm: torch.fx.GraphModule, ctx: PassContext, group_bytes: int 
             continue
         if primals[i] in already or grads[i] is None:
             continue
-        b = fusion.binding_for(info.tensor)
+        wanted.append((i, info))
+    for (i, info), b in zip(wanted, fusion.bindings_for([info.tensor for _, info in wanted])):
         if b is None:
             skipped[info.name] = "no HybridAdamW holds it"
             continue

@@ -307,6 +307,33 @@ def test_found_by_scan_without_attach():
     _assert_params_equal(ref, ours)
 
 
+def _counting_scans(monkeypatch):
+    calls = []
+    real = fusion.gc.get_objects
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(fusion.gc, "get_objects", counted)
+    return calls
+
+
+def test_bindings_for_scans_the_live_objects_once(monkeypatch):
+    held = [torch.nn.Parameter(torch.randn(4, 4)) for _ in range(3)]
+    free = [torch.nn.Parameter(torch.randn(4)) for _ in range(5)]
+    opt = HybridAdamW(held, lr=1e-3, implementation="reference")
+    try:
+        calls = _counting_scans(monkeypatch)
+        got = fusion.bindings_for(free[:2] + held + free[2:])
+        assert len(calls) == 1  # binding_for(scan=True) per parameter scanned once per unbound one: 6 here
+        assert got[:2] == [None, None] and got[5:] == [None, None, None]
+        assert got[2] is got[3] is got[4] and got[2].optimizer is opt and got[2].implicit
+        assert fusion.bindings_for(held) == got[2:5] and len(calls) == 1  # all bound: no scan
+    finally:
+        fusion.detach(opt)
+
+
 # --------------------------------------------------------------------------
 # accumulation, clipping, checkpoints
 # --------------------------------------------------------------------------
