@@ -164,19 +164,7 @@ def binding_for(param: Tensor, *, scan: bool = True) -> Binding | None:
     b = _BINDING_OF.get(id(param))
     if b is not None and b.optimizer is not None:
         return b
-    if not scan:
-        return None
-    from unsloth_fx.optim import HybridAdamW
-
-    with warnings.catch_warnings():  # isinstance on every live object trips deprecated module attributes
-        warnings.simplefilter("ignore")
-        found = [o for o in gc.get_objects() if _is_hybrid(o, HybridAdamW)]
-    for obj in found:
-        if any(p is param for p in _params_of(obj)):
-            b = attach(None, obj)
-            b.implicit = True
-            return b
-    return None
+    return bindings_for([param])[0] if scan else None
 
 
 def bindings_for(params: list[Tensor]) -> list[Binding | None]:
@@ -187,7 +175,7 @@ def bindings_for(params: list[Tensor]) -> list[Binding | None]:
         return out
     from unsloth_fx.optim import HybridAdamW
 
-    with warnings.catch_warnings():  # as binding_for
+    with warnings.catch_warnings():  # isinstance on every live object trips deprecated module attributes
         warnings.simplefilter("ignore")
         found = [o for o in gc.get_objects() if _is_hybrid(o, HybridAdamW)]
     for i, p in enumerate(params):
