@@ -31,7 +31,7 @@ import os
 import torch
 from torch import Tensor
 
-from .adamw import HAS_TRITON, tl, triton  # triton is optional on CPU-only installs (None there)
+from .adamw import HAS_TRITON, tl, triton, uses_triton  # triton is optional on CPU-only installs (None there)
 
 ENV = "UNSLOTH_FX_LCE_KERNEL"
 BLOCK = 4096  # logits per program iteration (a row of 151,936 takes 38)
@@ -47,10 +47,7 @@ def requested() -> bool:
 
 def wanted(x: Tensor) -> bool:
     """Whether the op runs these kernels on ``x``: requested, and ``x`` is on CUDA (or CPU under the interpreter)."""
-    if not requested():
-        return False
-    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    return x.is_cuda or (x.device.type == "cpu" and interp)
+    return requested() and uses_triton(x)
 
 
 if HAS_TRITON:

@@ -212,28 +212,23 @@ def _forward_impl(
         target_logit[s:e, None] = x.gather(1, tc)  # copy_ upcasts exactly
         if rows_kernel:  # the same arithmetic in two Triton row kernels, no fp32 [c, V] buffer (runtime/ce_rows.py)
             m, sums = ce_rows.row_stats(x, lse[s:e])
-            if compute_grad:
-                g = ce_rows.row_grad_(x, tc, m, sums, coef[s:e])
-                torch.mm(g, weight, out=grad_h[s:e])
-                if in_place:
-                    grad_w.addmm_(g.t(), hc)
-                else:
-                    grad_w.add_(torch.mm(g.t(), hc))
-            x = g = None  # g is x: both names go before the next chunk's logits are made
-            continue
-        m = x.amax(1, keepdim=True)
-        m = m.float().masked_fill_(m.isinf(), 0.0)  # as torch.logsumexp: an infinite max shifts by 0
-        ex = x.sub_(m) if fp32_weight else torch.sub(x, m)  # fp32 either way
-        ex.exp_()
-        sums = ex.sum(1, keepdim=True)
-        torch.add(sums.log(), m, out=lse[s:e, None])
-        if not compute_grad:
-            continue
-        # (e / sum - onehot) * k  ==  (e - sum * onehot) * (k / sum); k = coef (0 for ignored tokens).
-        ex.scatter_add_(1, tc, sums.mul(validf[s:e, None]).neg_())
-        kc = coef[s:e, None].div(sums)
-        g = ex.mul_(kc) if fp32_weight else torch.mul(ex, kc, out=x)  # HF's grad through .float() is cast back
-        del ex
+            if not compute_grad:
+                continue
+            g = ce_rows.row_grad_(x, tc, m, sums, coef[s:e])  # in place: g is x
+        else:
+            m = x.amax(1, keepdim=True)
+            m = m.float().masked_fill_(m.isinf(), 0.0)  # as torch.logsumexp: an infinite max shifts by 0
+            ex = x.sub_(m) if fp32_weight else torch.sub(x, m)  # fp32 either way
+            ex.exp_()
+            sums = ex.sum(1, keepdim=True)
+            torch.add(sums.log(), m, out=lse[s:e, None])
+            if not compute_grad:
+                continue
+            # (e / sum - onehot) * k  ==  (e - sum * onehot) * (k / sum); k = coef (0 for ignored tokens).
+            ex.scatter_add_(1, tc, sums.mul(validf[s:e, None]).neg_())
+            kc = coef[s:e, None].div(sums)
+            g = ex.mul_(kc) if fp32_weight else torch.mul(ex, kc, out=x)  # HF's grad through .float() is cast back
+            del ex
         torch.mm(g, weight, out=grad_h[s:e])
         if in_place:
             grad_w.addmm_(g.t(), hc)  # weight_dtype mode: the running sum rounds once per chunk
