@@ -15,7 +15,7 @@
 #                                           # carried), then the largest seq in 16 GiB of FIT_VARIANTS (default
 #                                           # unchunked,chunked); CHUNK_JOBS cells compile at once (default 2)
 #   bash benchmarks/gpu_session.sh moe      # bench_chunk.py: deepseek-v3-mini, seq 2048, unchunked / chunked (MoE
-#                                           # blocks chunked), then a profile of the chunked step (about 4 min)
+#                                           # blocks chunked), beside a profile of the chunked step (up to 9 min)
 #
 # Several names run in order. Results go to $OUT (default ./gpu_out): each suite's JSON, the snapshot, the logs.
 # The package is installed in place without dependencies first (the machine has torch, triton, transformers);
@@ -75,11 +75,12 @@ for part in "$@"; do
          --fit-variants "${FIT_VARIANTS:-unchunked,chunked}" > "$OUT/log_chunk.txt" 2>&1)
       tail -16 "$OUT/log_chunk.txt" ;;
     moe)
+      timeout 560 python3 "$R/benchmarks/profile_step.py" --model deepseek-v3-mini --variant chunked --optimizer none \
+        --seq 2048 --warmup 2 --steps 2 --out "$OUT/prof_moe.txt" > "$OUT/log_prof_moe.txt" 2>&1 &
       python3 "$R/benchmarks/bench_chunk.py" --model deepseek-v3-mini --variants unchunked,chunked --seqs 2048 \
-        --fit-limit 0 --jobs 2 --timeout 240 --out "$OUT/bench_chunk_moe.json" > "$OUT/log_moe.txt" 2>&1
+        --fit-limit 0 --jobs 2 --timeout 540 --out "$OUT/bench_chunk_moe.json" > "$OUT/log_moe.txt" 2>&1
       tail -8 "$OUT/log_moe.txt"
-      timeout 200 python3 "$R/benchmarks/profile_step.py" --model deepseek-v3-mini --variant chunked --optimizer none \
-        --seq 2048 --warmup 2 --steps 2 --out "$OUT/prof_moe.txt" > "$OUT/log_prof_moe.txt" 2>&1
+      wait
       head -3 "$OUT/prof_moe.txt" 2>/dev/null || tail -3 "$OUT/log_prof_moe.txt" ;;
     *) echo "unknown part '$part' (checks, 7b, trio, prof, chunk, moe)"; exit 2 ;;
   esac
