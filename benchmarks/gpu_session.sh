@@ -2,7 +2,8 @@
 # The GPU runs docs/benchmarks.md records, by name, for a machine that has the repo and a CUDA torch.
 #
 #   bash benchmarks/gpu_session.sh checks   # the cuda tests of the allocator model and the state arena, and the
-#                                           # resident slack of both R1-Distill models (about a minute)
+#                                           # resident slack of both R1-Distill models (about a minute;
+#                                           # SLACK_MODELS="r1-distill-qwen-1.5b" measures one)
 #   bash benchmarks/gpu_session.sh 7b       # r1-distill-qwen-7b, seq 4096, 24 GiB, 6 steps, alone (compile 5-8 min)
 #   bash benchmarks/gpu_session.sh trio     # r1-distill-qwen-1.5b, seq 2048, 200 steps: stock compile AMP, the
 #                                           # product path at 7 GiB and the MLP-chunked graph, three processes with
@@ -39,7 +40,7 @@ for part in "$@"; do
     checks)
       UNSLOTH_FX_TEST_DEVICE=cuda timeout 180 python3 -m pytest -q -p no:cacheprovider -rs \
         "$R/tests/test_allocator_model.py" "$R/tests/test_optim_arena.py" -k cuda 2>&1 | tail -8
-      for m in r1-distill-qwen-1.5b r1-distill-qwen-7b; do
+      for m in ${SLACK_MODELS:-r1-distill-qwen-1.5b r1-distill-qwen-7b}; do
         timeout 150 python3 "$R/benchmarks/resident_slack.py" --model $m --out "$OUT/slack_$m.json"
       done ;;
     7b)
