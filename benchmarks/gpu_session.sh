@@ -14,7 +14,8 @@
 #   bash benchmarks/gpu_session.sh chunk    # bench_chunk.py: 1.5B, seq 2048 and 8192, unchunked / LM head only
 #                                           # (torch and Triton row kernels) / chunked / Liger (wheels in .whl/, if
 #                                           # carried), then the largest seq in 16 GiB of FIT_VARIANTS (default
-#                                           # unchunked,chunked); CHUNK_JOBS cells compile at once (default 2)
+#                                           # unchunked,chunked); CHUNK_JOBS cells compile at once (default 2);
+#                                           # CHUNK_ARGS: more bench_chunk.py arguments (--variants, --seqs)
 #   bash benchmarks/gpu_session.sh moe      # bench_chunk.py: deepseek-v3-mini, seq 2048, unchunked / chunked (MoE
 #                                           # blocks chunked), beside a profile of the chunked step (up to 9 min)
 #
@@ -73,7 +74,7 @@ for part in "$@"; do
            "$R"/.whl/*.whl && export PYTHONPATH=/tmp/site
        fi
        python3 "$R/benchmarks/bench_chunk.py" --jobs "${CHUNK_JOBS:-2}" --timeout 300 --out "$OUT/bench_chunk.json" \
-         --fit-variants "${FIT_VARIANTS:-unchunked,chunked}" > "$OUT/log_chunk.txt" 2>&1)
+         --fit-variants "${FIT_VARIANTS:-unchunked,chunked}" ${CHUNK_ARGS:-} > "$OUT/log_chunk.txt" 2>&1)
       tail -16 "$OUT/log_chunk.txt" ;;
     moe)
       timeout 560 python3 "$R/benchmarks/profile_step.py" --model deepseek-v3-mini --variant chunked --optimizer none \
