@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if ratios:
         print(f"error ratio ours / eager bf16: median {statistics.median(ratios):.2f}, max {max(ratios):.2f}, "
               f"over 2x: {sum(r > 2 for r in ratios)}, over 10x: {sum(r > 10 for r in ratios)}")
-    print(f"\n| parameter | numel | rel. error eager bf16 | rel. error ours | ratio |\n|---|---:|---:|---:|---:|")
+    print("\n| parameter | numel | rel. error eager bf16 | rel. error ours | ratio |\n|---|---:|---:|---:|---:|")
     for r in rows[:a.worst]:
         print(f"| {r['param']} | {r['numel']:,} | {r['err_eager_bf16']:.2e} | {r['err_ours']:.2e} | {r['ratio']:.2f} |")
     if missing:

@@ -1,12 +1,10 @@
 """Pipeline strings and the pass registry."""
 
 import pytest
-import torch
-import torch.fx
 from hypothesis import given
 from hypothesis import strategies as st
 
-from unsloth_fx.pass_base import REGISTRY, PassContext, PassResult, graph_pass
+from unsloth_fx.pass_base import PassResult, graph_pass
 from unsloth_fx.pipeline import DEFAULT_PASSES, Pipeline
 
 SEED = list(DEFAULT_PASSES)

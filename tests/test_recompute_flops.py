@@ -1,7 +1,6 @@
 """The plan's FLOP count: ``Plan.step_flops`` (the joint graph's matmuls) and ``Plan.recompute_flops`` (what its
 recomputes add), by hand on a two-matmul step, and carried into plan_memory's stats and report."""
 
-import pytest
 import torch
 
 from unsloth_fx.memory import model as M

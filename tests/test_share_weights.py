@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from unsloth_fx.sharing import (
-    apply_sharing, find_shared, find_shared_tensors, is_shared, procrustes_residual, storage_bytes,
+    apply_sharing, find_shared, is_shared, procrustes_residual, storage_bytes,
 )
 from unsloth_fx.sharing.report import SCHEMA
 from unsloth_fx.zoo import build_model

@@ -152,7 +152,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
               + ("  [extrapolated from traced layers " + str(est.traced) + "]" if est.extrapolated else ""))
         print(f"  predicted peak    {fb(est.base_peak)}; smallest feasible budget {fb(est.feasible_min)}")
         floor = doc["peak_floor"]
-        print(f"  smallest peak     " + " + ".join(f"{k} {fb(v)}" for k, v in floor.items() if k != "total")
+        print("  smallest peak     " + " + ".join(f"{k} {fb(v)}" for k, v in floor.items() if k != "total")
               + f" = {fb(floor['total'])}")
         if budget is not None:
             if not fits:
@@ -166,7 +166,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
                       + ", ".join(f"{k} {v}" for k, v in sorted(decisions.items())))
                 what = "recompute and exposed host transfers" if decisions.get("offload") else "recompute"
                 print(f"  estimated overhead {overhead * 1e3:.1f} ms per step ({what}) over ~{step_s * 1e3:.1f} ms")
-            print(f"  largest seq that fits: " + ("not searched (--no-seq-search)" if a.no_seq_search
+            print("  largest seq that fits: " + ("not searched (--no-seq-search)" if a.no_seq_search
                                                   else str(largest) if largest else "none"))
             if plan:
                 print("  unavailable decisions: " + "; ".join(f"{k} ({v})" for k, v in plan.unavailable.items()))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 

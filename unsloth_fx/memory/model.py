@@ -36,7 +36,6 @@ import torch
 import torch.fx
 
 from unsloth_fx import _compat
-from unsloth_fx.pass_base import ufx
 
 BLOCK = 512  # CUDA caching allocator block rounding (bytes)
 
