@@ -62,3 +62,27 @@ def test_plan_memory_reports_the_recompute_flops():
     assert res.stats["recompute_flops"] >= MM and res.stats["step_flops"] == 8 * MM
     text = ctx.artifacts["memory_schedule.txt"] if "memory_schedule.txt" in ctx.artifacts else str(ctx.artifacts)
     assert "TFLOP of matmul and attention" in text
+
+
+def test_attention_backward_counts_twice_the_forward():
+    """Self-attention forward is two products of 2 x queries x keys x head dim each (QK^T, PV); its backward four
+    (dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q). Traced as the planner traces a model (memory-efficient
+    attention on fake tensors, as trace_step does for a CUDA step)."""
+    from unsloth_fx.memory.trace import cuda_like_tracing
+
+    B, H, T, Dh, Tk = 1, 2, 64, 16, 64
+
+    def f(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).float().sum()
+
+    args = [torch.randn(B, H, T, Dh, requires_grad=True) for _ in range(3)]
+    with cuda_like_tracing():
+        joint, _ = trace_function(f, args)
+    att = [n for n in joint.graph.nodes if n.op == "call_function" and "attention" in str(n.target)]
+    fwd = [n for n in att if "backward" not in str(n.target)]
+    bwd = [n for n in att if "backward" in str(n.target)]
+    assert len(fwd) == 1 and len(bwd) == 1, [str(n.target) for n in att]
+    per = 2 * B * H * T * Tk * Dh  # one of the products
+    assert S.node_flops(fwd[0], S.DeviceModel()) == 2 * per
+    assert S.node_flops(bwd[0], S.DeviceModel()) == 4 * per
+    assert S.step_flops(joint, S.DeviceModel()) == 6 * per

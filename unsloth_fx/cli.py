@@ -111,6 +111,10 @@ def cmd_plan(a: argparse.Namespace) -> int:
         "feasible": fits, "modified": bool(plan and plan.modified),
         "decisions": decisions, "decisions_scope": "traced layers" if est.extrapolated else "whole model",
         "estimated_overhead_s": overhead, "estimated_step_s": step_s,
+        # matmul + attention FLOPs (schedule.node_flops) of a whole-model plan; None when layers are extrapolated
+        # (the LM head and embeddings do not scale with the layer count)
+        "step_flops": plan.step_flops if plan and not est.extrapolated else None,
+        "recompute_flops": plan.recompute_flops if plan and not est.extrapolated else None,
         "largest_seq_that_fits": largest, "extrapolated": est.extrapolated, "traced_layers": est.traced,
         "unavailable": plan.unavailable if plan else {}, "warnings": est.warnings + (plan.warnings if plan else []),
         "one_80GB_gpu": {"fits": gpu_short == 0, "short_by": gpu_short},
@@ -166,6 +170,11 @@ def cmd_plan(a: argparse.Namespace) -> int:
                       + ", ".join(f"{k} {v}" for k, v in sorted(decisions.items())))
                 what = "recompute and exposed host transfers" if decisions.get("offload") else "recompute"
                 print(f"  estimated overhead {overhead * 1e3:.1f} ms per step ({what}) over ~{step_s * 1e3:.1f} ms")
+                sf, rf = doc["step_flops"], doc["recompute_flops"]
+                if sf:  # a whole-model plan (see the JSON's step_flops)
+                    print(f"  recompute adds {rf / 1e12:.3g} TFLOP of matmul and attention to the step's "
+                          f"{sf / 1e12:.3g} ({rf / sf:.1%}): at an equal FLOP rate, at most {sf / (sf + rf):.3f}x the "
+                          "tokens/s of the step without it")
             print("  largest seq that fits: " + ("not searched (--no-seq-search)" if a.no_seq_search
                                                   else str(largest) if largest else "none"))
             if plan:

@@ -123,7 +123,8 @@ UNAVAILABLE = {
 
 def node_flops(node: torch.fx.Node, dev: DeviceModel) -> float:
     """The FLOPs :func:`node_seconds` charges ``node``: 2 x output x inner size for matmuls, 4 x queries x keys
-    for attention (causal or not), the fused LM head + CE's matmuls (``dev.lm_head_flops``); 0 for the rest."""
+    for attention (causal or not) and twice that for its backward (dQ, dK, dV and dP: four products of the
+    forward's two), the fused LM head + CE's matmuls (``dev.lm_head_flops``); 0 for the rest."""
     val = node.meta.get("val")
     name = getattr(node.target, "__name__", str(node.target))
     shapes = [a.meta.get("val") for a in node.all_input_nodes]
@@ -136,8 +137,9 @@ def node_flops(node: torch.fx.Node, dev: DeviceModel) -> float:
         k = a.shape[-1] if a.dim() else 1
         return 2.0 * _hint(out.numel()) * _hint(k)
     if "attention" in name:
-        q, kk = shapes[0], shapes[1]
-        return 4.0 * _hint(q.numel()) * _hint(kk.shape[-2])
+        backward = "backward" in name and len(shapes) > 2  # (grad_out, query, key, value, ...)
+        q, kk = (shapes[1], shapes[2]) if backward else (shapes[0], shapes[1])
+        return (8.0 if backward else 4.0) * _hint(q.numel()) * _hint(kk.shape[-2])
     if name.startswith("linear_cross_entropy") and len(shapes) >= 2 and dev.lm_head_flops:
         # the fused LM head + CE (runtime/linear_cross_entropy.py): logits h @ W.T, and with compute_grad
         # also g @ W and g.T @ h, each 2 * tokens * vocab * hidden. Without this it was costed at its bytes
