@@ -153,3 +153,26 @@ def test_plan_chunks_the_lm_head_alone_with_no_chunk_mlp(capsys):
     assert docs["both"]["chunking_credited"] == {"mlp": 8, "lm_head_ce": 8}
     floor = {k: d["smallest_feasible_budget"] for k, d in docs.items()}
     assert floor["both"] < floor["lm"] < floor["none"], floor
+
+
+def test_plan_reports_the_flops_its_recomputes_add(capsys):
+    """A budget between the smallest feasible and the unplanned peak makes the plan recompute matmuls: the JSON
+    carries the step's and the recompute's FLOPs (the step's are the joint graph's, the same at any budget), and the
+    text prints the tokens/s bound they imply. Without a plan there are no FLOP figures."""
+    base = ["plan", "--model", "tiny-qwen2", "--seq", "512", "--quiet", "--no-seq-search", "--device", "cpu",
+            "--no-chunking", "--optimizer", "int4", "--fuse-optimizer", "--lower", "eager"]
+    assert main(base + ["--json"]) == 0
+    free = json.loads(capsys.readouterr().out)
+    assert free["step_flops"] is None and free["recompute_flops"] is None
+    mid = (free["predicted_peak"] + free["smallest_feasible_budget"]) // 2
+    assert main(base + ["--json", "--budget", str(mid)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["decisions"].get("recompute"), doc["decisions"]
+    sf, rf = doc["step_flops"], doc["recompute_flops"]
+    assert 0 < rf < sf, (rf, sf)
+    assert main(base + ["--json", "--budget", str(free["smallest_feasible_budget"])]) == 0
+    tight = json.loads(capsys.readouterr().out)
+    assert tight["step_flops"] == sf and tight["recompute_flops"] >= rf
+    assert main(base + ["--budget", str(mid)]) == 0
+    out = capsys.readouterr().out
+    assert f"({rf / sf:.1%}): at an equal FLOP rate, at most {sf / (sf + rf):.3f}x" in out, out
