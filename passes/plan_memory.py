@@ -143,8 +143,7 @@ def plan_memory(gm: torch.fx.GraphModule, ctx: PassContext, optimizer: str = "ad
              + (f", allocator block slack {format_bytes(static.block_slack)}" if static.block_slack else ""),
              f"saved activations {format_bytes(tl.saved_bytes)}"]
     if plan.recompute_flops:
-        lines.append(f"recompute adds {plan.recompute_flops / 1e12:.3g} TFLOP of matmul and attention to the step's "
-                     f"{plan.step_flops / 1e12:.3g} ({plan.recompute_flops / max(plan.step_flops, 1.0):.1%})")
+        lines.append(plan.flops_line())
     if plan.offloaded_bytes:
         lines.append(f"offloaded to host {format_bytes(plan.offloaded_bytes)} (exposed transfer ~{plan.offload_s * 1e3:.3f} ms)")
     if budget is not None:

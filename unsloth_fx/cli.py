@@ -172,9 +172,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
                 print(f"  estimated overhead {overhead * 1e3:.1f} ms per step ({what}) over ~{step_s * 1e3:.1f} ms")
                 sf, rf = doc["step_flops"], doc["recompute_flops"]
                 if sf:  # a whole-model plan (see the JSON's step_flops)
-                    print(f"  recompute adds {rf / 1e12:.3g} TFLOP of matmul and attention to the step's "
-                          f"{sf / 1e12:.3g} ({rf / sf:.1%}): at an equal FLOP rate, at most {sf / (sf + rf):.3f}x the "
-                          "tokens/s of the step without it")
+                    print(f"  {plan.flops_line()}: at an equal FLOP rate, at most {sf / (sf + rf):.3f}x the tokens/s "
+                          "of the step without it")
             print("  largest seq that fits: " + ("not searched (--no-seq-search)" if a.no_seq_search
                                                   else str(largest) if largest else "none"))
             if plan:

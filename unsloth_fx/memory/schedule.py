@@ -115,6 +115,11 @@ class Plan:
             "unavailable": self.unavailable, "warnings": self.warnings,
         }
 
+    def flops_line(self) -> str:
+        """What the recomputes add, as plan_memory's report and the CLI print it."""
+        return (f"recompute adds {self.recompute_flops / 1e12:.3g} TFLOP of matmul and attention to the step's "
+                f"{self.step_flops / 1e12:.3g} ({self.recompute_flops / max(self.step_flops, 1.0):.1%})")
+
 
 UNAVAILABLE = {
     "chunk": "needs chunk_recompute to materialize chunk plans; never chosen",
